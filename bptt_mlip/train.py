@@ -1,0 +1,189 @@
+"""Pure training steps: force pretraining and BPTT fine-tuning through whole relaxations.
+
+Both steps are built by a ``make_*`` function that binds the static pieces (force function,
+step rule, configs, optimiser) and returns a jit-compiled ``step(state, batch) -> (state,
+metrics)``. The state is a pytree; nothing is global; randomness comes from ``state.key``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from bptt_mlip import losses, optim, relax
+from bptt_mlip.model import ForceFn
+from bptt_mlip.structures import ForceBatch, RelaxationBatch, Structures
+
+Params = Any
+TrainForceFn = Callable[[Params, Structures, jax.Array], jnp.ndarray]
+"""A force function used while training that may use randomness (dropout): ``(params, structures, key)``."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training loop carries: step counter, parameters, optimiser state, PRNG key."""
+
+    step: jnp.ndarray
+    params: Params
+    opt_state: Any
+    key: jax.Array
+
+
+def create_train_state(params: Params, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
+    """``params`` is ``{"model": ..., "step": ...}`` (``"step"`` may be ``{}`` for pretraining)."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), key=key)
+
+
+@dataclasses.dataclass(frozen=True)
+class BPTTConfig:
+    """Static settings of a BPTT step.
+
+    Attributes:
+      step: the frame's step rule.
+      rollout: rollout length, stopping rule, rematerialisation.
+      loss: ``"dq"`` (paper eq. 9) or ``"mse"`` (position MSE).
+      random_stopping: draw the stopping threshold log-uniformly in ``stop_rms_range`` and the
+        frame limit uniformly in ``frame_limit_range`` for every batch (paper appendix B.4).
+    """
+
+    step: relax.StepConfig = relax.StepConfig()
+    rollout: relax.RolloutConfig = relax.RolloutConfig()
+    loss: str = "dq"
+    random_stopping: bool = False
+    stop_rms_range: tuple[float, float] = (1e-4, 1e-2)
+    frame_limit_range: tuple[int, int] = (50, 75)
+
+    def __post_init__(self):
+        if self.loss not in ("dq", "mse"):
+            raise ValueError(f"BPTTConfig.loss must be 'dq' or 'mse', got {self.loss!r}")
+        if self.random_stopping and self.frame_limit_range[1] > self.rollout.max_frames:
+            raise ValueError(
+                f"frame_limit_range {self.frame_limit_range} exceeds rollout.max_frames={self.rollout.max_frames}"
+            )
+
+
+def bptt_loss(
+    params: Params,
+    batch: RelaxationBatch,
+    force_fn: ForceFn,
+    step_size_fn: relax.StepSizeFn,
+    config: BPTTConfig,
+    key: jax.Array,
+) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """Weighted batch mean of Dq (or MSE) between the rollout end point and the reference.
+
+    Returns ``(loss, aux)`` with per-batch diagnostics in ``aux``.
+    """
+    noise_key, stop_key = jax.random.split(key)
+    stop_rms = frame_limit = None
+    if config.random_stopping:
+        k1, k2 = jax.random.split(stop_key)
+        lo, hi = jnp.log(config.stop_rms_range[0]), jnp.log(config.stop_rms_range[1])
+        stop_rms = jnp.exp(jax.random.uniform(k1, (), minval=lo, maxval=hi))
+        frame_limit = jax.random.randint(k2, (), config.frame_limit_range[0], config.frame_limit_range[1] + 1)
+    result = relax.rollout(
+        force_fn,
+        step_size_fn,
+        params,
+        batch.initial,
+        config.step,
+        config.rollout,
+        key=noise_key if config.step.noise_std else None,
+        stop_rms=stop_rms,
+        frame_limit=frame_limit,
+    )
+    s = batch.initial
+    dq = losses.delta_q(result.positions, batch.target_positions, s.masses, s.mask)
+    per = dq if config.loss == "dq" else losses.position_mse(result.positions, batch.target_positions, s.mask)
+    loss = losses.weighted_mean(per, batch.weight)
+    real = batch.weight > 0
+    aux = {
+        "dq": losses.weighted_mean(dq, batch.weight),
+        "frames": losses.weighted_mean(result.num_frames.astype(jnp.float32), batch.weight),
+        "converged": jnp.sum(result.converged & real),
+        "diverged": jnp.sum(result.diverged & real),
+    }
+    return loss, aux
+
+
+def _apply(optimizer, state: TrainState, grads, key) -> TrainState:
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, key=key)
+
+
+def _step_metrics(state: TrainState, grads) -> dict[str, jnp.ndarray]:
+    metrics = {"grad_norm": optax.global_norm(grads), **optim.nonfinite_counts(state.opt_state)}
+    step_params = state.params.get("step", {})
+    if "eta" in step_params:
+        metrics["eta"] = step_params["eta"]
+    return metrics
+
+
+def make_bptt_step(
+    force_fn: ForceFn,
+    step_size_fn: relax.StepSizeFn,
+    config: BPTTConfig,
+    optimizer: optax.GradientTransformation,
+    *,
+    jit: bool = True,
+) -> Callable[[TrainState, RelaxationBatch], tuple[TrainState, dict[str, jnp.ndarray]]]:
+    """Build ``bptt_step(state, batch) -> (state, metrics)``: gradients through every frame.
+
+    A non-finite loss or gradient leaves the parameters unchanged (``optax.apply_if_finite``)
+    and shows in ``metrics["nonfinite_total"]``.
+    """
+
+    def bptt_step(state: TrainState, batch: RelaxationBatch):
+        key, sub = jax.random.split(state.key)
+        (loss, aux), grads = jax.value_and_grad(bptt_loss, has_aux=True)(
+            state.params, batch, force_fn, step_size_fn, config, sub
+        )
+        new_state = _apply(optimizer, state, grads, key)
+        return new_state, {"loss": loss, **aux, **_step_metrics(new_state, grads)}
+
+    return jax.jit(bptt_step) if jit else bptt_step
+
+
+def force_loss(
+    model_params: Params, batch: ForceBatch, force_fn: TrainForceFn, key: jax.Array
+) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """Mean squared force-component error over real atoms of real frames ((eV/Å)^2)."""
+    pred = force_fn(model_params, batch.structures, key)
+    s = batch.structures
+    per = losses.force_squared_error(pred, batch.forces, s.mask) * batch.weight
+    count = jnp.sum(s.mask, axis=-1) * 3 * batch.weight
+    mse = jnp.sum(per) / jnp.maximum(jnp.sum(count), 1)
+    return mse, {"force_rmse": losses.safe_sqrt(mse)}
+
+
+def make_pretrain_step(
+    force_fn: TrainForceFn, optimizer: optax.GradientTransformation, *, jit: bool = True
+) -> Callable[[TrainState, ForceBatch], tuple[TrainState, dict[str, jnp.ndarray]]]:
+    """Build ``pretrain_step(state, batch) -> (state, metrics)``: supervised force matching.
+
+    ``force_fn(model_params, structures, key)`` may use ``key`` for dropout; only
+    ``state.params["model"]`` is trained.
+    """
+
+    def pretrain_step(state: TrainState, batch: ForceBatch):
+        key, sub = jax.random.split(state.key)
+
+        def loss_fn(params):
+            return force_loss(params["model"], batch, force_fn, sub)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        new_state = _apply(optimizer, state, grads, key)
+        return new_state, {"loss": loss, **aux, **_step_metrics(new_state, grads)}
+
+    return jax.jit(pretrain_step) if jit else pretrain_step
+
+
+def deterministic(force_fn: ForceFn) -> TrainForceFn:
+    """Wrap a ``(params, structures)`` force function as a training one that ignores the key."""
+    return lambda params, structures, key: force_fn(params, structures)
