@@ -38,3 +38,5 @@ from bptt_mlip.structures import ForceBatch, RelaxationBatch, Structures, from_a
 from bptt_mlip.train import BPTTConfig, TrainState, create_train_state, make_bptt_step, make_pretrain_step
 
 __version__ = "0.1.0"
+
+from bptt_mlip import checkpoint, data, evaluate, fire, loops, potentials  # noqa: E402  (submodules as attributes)

@@ -1,0 +1,33 @@
+# bptt-mlip developer commands. `make help` lists them.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: help install test run finetune-cpu data benchmark clean
+
+help:
+	@echo "make install   - create $(VENV) and install bptt-mlip with test extras"
+	@echo "make test      - install, then run the test suite"
+	@echo "make run       - install, then run the main job (BPTT fine-tuning on the shipped Si-defect data, ~15 min on 2 CPU cores)"
+	@echo "make data      - regenerate the shipped default datasets from their seeds"
+	@echo "make clean     - remove build and run artefacts"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/python -m pip install -e '.[test]'
+
+test: install
+	$(BIN)/python -m pytest tests
+
+run: install
+	$(BIN)/python -m experiments.finetune --flagfile=experiments/si_cpu.flags --workdir=runs/si_cpu --overwrite
+
+data: install
+	$(BIN)/python -m experiments.make_dataset --kind=si_defects --out=bptt_mlip/data/default/si_defects
+	$(BIN)/python -m experiments.make_dataset --kind=crystals --out=bptt_mlip/data/default/crystals
+
+clean:
+	rm -rf build *.egg-info .pytest_cache runs

@@ -1,0 +1,261 @@
+"""Epoch loops that compose the pure steps: force pretraining, grid search over a dataset,
+BPTT fine-tuning with validation and best-checkpoint selection.
+
+These are the host-side loops the experiment scripts call. They take trajectories (numpy
+records from :mod:`bptt_mlip.data`), batch them with fixed shapes per atom bucket (a run
+compiles one shape per bucket), and report through an optional ``log(step, metrics)`` callback.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bptt_mlip import evaluate, losses, optim, relax, search, train
+from bptt_mlip.data import batching
+from bptt_mlip.data.trajectory import Trajectory
+from bptt_mlip.model import AdaptConfig, ForceFn, Normalizer, fit_normalizer
+from bptt_mlip import descriptors
+
+Params = Any
+LogFn = Callable[[str, int, dict], None]
+
+
+def _no_log(phase: str, step: int, metrics: dict) -> None:
+    return None
+
+
+def normalizer_from_trajectories(trajs: Sequence[Trajectory]) -> Normalizer:
+    """Fit input and force statistics over every frame of the training trajectories."""
+    pos, feat, frc = [], [], []
+    for t in trajs:
+        if t.forces is None:
+            raise ValueError(f"{t.where()}: no forces; force statistics need them")
+        f = descriptors.element_features(t.species)
+        pos.append(t.positions.reshape(-1, 3))
+        feat.append(np.broadcast_to(f, (t.num_frames,) + f.shape).reshape(-1, f.shape[-1]))
+        frc.append(t.forces.reshape(-1, 3))
+    p, ft, fr = np.concatenate(pos), np.concatenate(feat), np.concatenate(frc)
+    return fit_normalizer(p, ft, fr, np.ones(p.shape[0], bool))
+
+
+def to_float(metrics: dict) -> dict:
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def pretrain(
+    train_force_fn: train.TrainForceFn,
+    force_fn: ForceFn,
+    model_params: Params,
+    train_trajs: Sequence[Trajectory],
+    val_trajs: Sequence[Trajectory],
+    *,
+    epochs: int,
+    batch_size: int,
+    optim_config: optim.OptimConfig,
+    seed: int = 0,
+    buckets: Sequence[int] = batching.DEFAULT_BUCKETS,
+    log: LogFn = _no_log,
+) -> tuple[Params, list[dict]]:
+    """Supervised force pretraining on every frame; returns the parameters with the best
+    validation force RMSE (or the last, without validation data) and per-epoch history."""
+    tx = optim.make_optimizer(optim_config)
+    state = train.create_train_state({"model": model_params, "step": {}}, tx, jax.random.PRNGKey(seed))
+    step = train.make_pretrain_step(train_force_fn, tx)
+    history, best, best_rmse = [], model_params, math.inf
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        sums, n = {}, 0
+        for batch in batching.force_batches(
+            train_trajs, batch_size, buckets=buckets, shuffle_key_or_seed=seed * 100_003 + epoch, drop_remainder=False
+        ):
+            state, m = step(state, batch)
+            for k, v in to_float(m).items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
+        row = {"epoch": epoch + 1, **{f"train_{k}": v / max(n, 1) for k, v in sums.items()}}
+        if val_trajs:
+            ev = evaluate.evaluate_forces(force_fn, state.params["model"], batching.force_batches(val_trajs, batch_size, buckets=buckets))
+            row.update({f"val_{k}": v for k, v in ev.items()})
+            if ev["force_rmse"] < best_rmse:
+                best_rmse, best = ev["force_rmse"], state.params["model"]
+        else:
+            best = state.params["model"]
+        row["epoch_s"] = time.perf_counter() - t0
+        history.append(row)
+        log("pretrain", epoch + 1, row)
+    return best, history
+
+
+def grid_search(
+    force_fn: ForceFn,
+    model_params: Params,
+    trajs: Sequence[Trajectory],
+    step_sizes: Sequence[float],
+    rollout_config: relax.RolloutConfig,
+    *,
+    batch_size: int,
+    buckets: Sequence[int] = batching.DEFAULT_BUCKETS,
+    chunk_size: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Dq of every trajectory at every fixed step size; one compiled vmapped call per batch.
+
+    Returns ``{"step_sizes": [S], "dq": [S, n], "mean_dq": [S], "converged": [S, n], "frames": [S, n],
+    "diverged": [S, n]}`` (trajectories in batch order).
+    """
+    fn = search.make_grid_search(force_fn, rollout_config, chunk_size=chunk_size)
+    etas = jnp.asarray(step_sizes, jnp.float32)
+    cols: dict[str, list] = {}
+    for batch in batching.relaxation_batches(trajs, batch_size, buckets=buckets):
+        res = fn(model_params, batch, etas)
+        real = np.asarray(batch.weight) > 0
+        for k in ("dq", "converged", "num_frames", "diverged"):
+            cols.setdefault(k, []).append(np.asarray(getattr(res, k))[:, real])
+    out = {k: np.concatenate(v, axis=1) for k, v in cols.items()}
+    out["frames"] = out.pop("num_frames")
+    out["step_sizes"] = np.asarray(step_sizes, np.float64)
+    with np.errstate(invalid="ignore"):
+        out["mean_dq"] = np.where(np.all(np.isfinite(out["dq"]), axis=1), out["dq"].mean(axis=1), np.inf)
+    return out
+
+
+def bptt_finetune(
+    force_fn: ForceFn,
+    step_size_fn: relax.StepSizeFn,
+    params: Params,
+    train_trajs: Sequence[Trajectory],
+    val_trajs: Sequence[Trajectory],
+    *,
+    bptt_config: train.BPTTConfig,
+    optim_config: optim.OptimConfig,
+    epochs: int,
+    batch_size: int,
+    seed: int = 0,
+    buckets: Sequence[int] = batching.DEFAULT_BUCKETS,
+    eval_every_epochs: int = 1,
+    log: LogFn = _no_log,
+    on_epoch_end: Callable[[int, train.TrainState, dict], None] | None = None,
+    max_consecutive_bad_steps: int = 10,
+) -> tuple[Params, list[dict], train.TrainState]:
+    """BPTT fine-tuning; validation Dq after each epoch; returns (best-validation params,
+    history, final state). Without validation data the last parameters are returned.
+
+    Non-finite gradients skip the update and are counted; more than
+    ``max_consecutive_bad_steps`` in a row stop training with a RuntimeError that keeps the
+    best parameters seen so far in its ``args[1]``.
+    """
+    tx = optim.make_optimizer(optim_config)
+    state = train.create_train_state(params, tx, jax.random.PRNGKey(seed))
+    step = train.make_bptt_step(force_fn, step_size_fn, bptt_config, tx)
+    rollout_eval = relax.RolloutConfig(
+        **{**bptt_config.rollout.__dict__, "remat": "none", "return_trajectory": False}
+    )
+    history: list[dict] = []
+    best, best_val = params, math.inf
+
+    def validate(p):
+        per = evaluate.evaluate_relaxations(
+            force_fn, step_size_fn, p, batching.relaxation_batches(val_trajs, batch_size, buckets=buckets),
+            bptt_config.step, rollout_eval,
+        )
+        return evaluate.summarize(per)
+
+    if val_trajs:
+        v0 = validate(params)
+        best_val = v0["mean_dq"]
+        history.append({"epoch": 0, **{f"val_{k}": v for k, v in v0.items()}})
+        log("bptt", 0, history[-1])
+    global_step = 0
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        sums, n = {}, 0
+        for batch in batching.relaxation_batches(
+            train_trajs, batch_size, buckets=buckets, shuffle_key_or_seed=seed * 100_003 + epoch
+        ):
+            state, m = step(state, batch)
+            m = to_float(m)
+            global_step += 1
+            log("bptt_step", global_step, m)
+            if m["nonfinite_consecutive"] > max_consecutive_bad_steps:
+                raise RuntimeError(
+                    f"BPTT stopped: {int(m['nonfinite_consecutive'])} consecutive non-finite gradients at step "
+                    f"{global_step}; keeping the best parameters (validation Dq {best_val:.4g})",
+                    best,
+                )
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
+        row = {"epoch": epoch + 1, **{f"train_{k}": v / max(n, 1) for k, v in sums.items()}}
+        row["nonfinite_total"] = m["nonfinite_total"] if n else 0.0
+        if val_trajs and ((epoch + 1) % eval_every_epochs == 0 or epoch + 1 == epochs):
+            v = validate(state.params)
+            row.update({f"val_{k}": x for k, x in v.items()})
+            if np.isfinite(v["mean_dq"]) and v["mean_dq"] < best_val:
+                best_val, best = v["mean_dq"], state.params
+        elif not val_trajs:
+            best = state.params
+        row["epoch_s"] = time.perf_counter() - t0
+        history.append(row)
+        log("bptt", epoch + 1, row)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, state, row)
+    return best, history, state
+
+
+def fire_table(
+    force_fn: ForceFn,
+    model_params: Params,
+    trajs: Sequence[Trajectory],
+    fire_config,
+    *,
+    batch_size: int,
+    buckets: Sequence[int] = batching.DEFAULT_BUCKETS,
+) -> tuple[dict, dict]:
+    """(summary, per-structure arrays) of relaxing ``trajs`` with FIRE (ASE semantics) on the model's forces."""
+    from bptt_mlip import fire
+
+    @jax.jit
+    def run(p, batch):
+        s = batch.initial
+        ff = lambda x: force_fn(p, s.replace(positions=x))
+        st, _ = fire.fire_relax(ff, s.positions, s.mask, fire_config)
+        return {
+            "dq": losses.delta_q(st.positions, batch.target_positions, s.masses, s.mask),
+            "dq_initial": losses.delta_q(s.positions, batch.target_positions, s.masses, s.mask),
+            "frames": st.n_steps,
+            "converged": st.converged,
+            "diverged": ~jnp.all(jnp.isfinite(st.positions), axis=(-1, -2)),
+        }
+
+    out: dict[str, list] = {}
+    for batch in batching.relaxation_batches(trajs, batch_size, buckets=buckets):
+        res = run(model_params, batch)
+        real = np.asarray(batch.weight) > 0
+        for k, v in res.items():
+            out.setdefault(k, []).append(np.asarray(v)[real])
+    per = {k: np.concatenate(v) for k, v in out.items()}
+    return evaluate.summarize(per), per
+
+
+def relaxation_table(
+    force_fn: ForceFn,
+    step_size_fn: relax.StepSizeFn,
+    params: Params,
+    trajs: Sequence[Trajectory],
+    step_config: relax.StepConfig,
+    rollout_config: relax.RolloutConfig,
+    *,
+    batch_size: int,
+    buckets: Sequence[int] = batching.DEFAULT_BUCKETS,
+) -> tuple[dict, dict]:
+    """(summary, per-structure arrays) of relaxing ``trajs`` with the given model and step rule."""
+    per = evaluate.evaluate_relaxations(
+        force_fn, step_size_fn, params, batching.relaxation_batches(trajs, batch_size, buckets=buckets),
+        step_config, rollout_config,
+    )
+    return evaluate.summarize(per), per

@@ -1,0 +1,225 @@
+"""The main job: pretrain (or load) ADAPT, grid-search the fixed step, fine-tune with BPTT, evaluate.
+
+    python -m experiments.finetune --flagfile=experiments/si_cpu.flags
+
+Writes into --workdir: config.json, metrics.jsonl, checkpoints/{pretrained,bptt}/ (orbax),
+results.json, results.md and plots/*.png, and prints the result table.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+from experiments import common
+from bptt_mlip import checkpoint, fire, loops, model, optim, plots, relax, train
+from bptt_mlip.data import batching
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("pretrained", "", "Checkpoint directory of a pretrained model; empty = pretrain here.")
+flags.DEFINE_integer("pretrain_epochs", 10, "Force-pretraining epochs over every training frame.")
+flags.DEFINE_integer("pretrain_batch_size", 32, "Frames per pretraining batch.")
+flags.DEFINE_float("pretrain_lr", 5e-4, "Adam learning rate of pretraining (paper's ADAPT: 5e-5 for ~80 epochs).")
+flags.DEFINE_integer("pretrain_frame_stride", 1, "Use every k-th frame of each training trajectory for pretraining.")
+
+flags.DEFINE_list(
+    "grid_steps",
+    ["0.005", "0.01", "0.015", "0.02", "0.025", "0.03", "0.035", "0.04", "0.045", "0.05", "0.055", "0.06", "0.065",
+     "0.07", "0.075", "0.08"],
+    "Fixed step sizes (Å²/eV) of the grid search.",
+)
+flags.DEFINE_integer("grid_max_trajectories", 0, "Grid-search on at most this many training trajectories (0 = all).")
+flags.DEFINE_bool("grid_on_test", True, "Also report test Dq at every grid step (paper table 6; never used for choices).")
+
+flags.DEFINE_enum("step_kind", "fixed", ["fixed", "learnable", "neural"], "BPTT step-size rule.")
+flags.DEFINE_float("init_step", 0.0, "Initial step size for BPTT; 0 = the best grid step (chosen on training data).")
+flags.DEFINE_float("momentum", 0.0, "Heavy-ball momentum weight of the frame rule (paper ablation: 0.05).")
+flags.DEFINE_float("anneal", 1.0, "Multiplicative step annealing per frame (paper ablation: 0.99).")
+flags.DEFINE_float("noise_std", 0.0, "Exploration noise on each frame's update (Å).")
+flags.DEFINE_float("max_displacement", 0.0, "Cap on an atom's displacement per frame (Å); 0 = none.")
+flags.DEFINE_bool("random_stopping", False, "Randomly vary the stopping rule per batch (paper table 5).")
+
+flags.DEFINE_integer("bptt_epochs", 5, "BPTT fine-tuning epochs.")
+flags.DEFINE_float("bptt_lr", 1e-4, "Adam learning rate of the model during BPTT.")
+flags.DEFINE_float("step_lr", 1e-3, "Adam learning rate of the step-size parameters.")
+flags.DEFINE_float("clip_norm", 1.0, "Global-norm gradient clip (0 = off).")
+flags.DEFINE_float("proximal_weight", 0.0, "Proximal pull toward the pretrained weights (0 = off).")
+flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay during BPTT.")
+flags.DEFINE_bool("freeze_model", False, "Train only the step size (figure 5a).")
+flags.DEFINE_bool("random_init", False, "BPTT from random weights instead of the pretrained model (figure 5b).")
+
+flags.DEFINE_bool("fire", True, "Evaluate the pretrained model with FIRE (ASE semantics) on the test split.")
+flags.DEFINE_float("fire_fmax", 0.05, "FIRE convergence: largest per-atom force below this (eV/Å).")
+flags.DEFINE_integer("fire_max_steps", 500, "FIRE step limit.")
+
+
+def main(argv):
+    del argv
+    t_start = time.time()
+    common.quiet_libraries()
+    workdir = common.prepare_workdir(FLAGS.workdir, FLAGS.overwrite)
+    log = common.MetricsWriter(workdir / "metrics.jsonl")
+    config = common.flag_values()
+    common.write_json(workdir / "config.json", {"command": common.command_line(), "flags": config,
+                                                "devices": [str(d) for d in jax.devices()]})
+    timings = {}
+
+    # ---------------------------------------------------------------- data
+    trajs, report = common.load_trajectories(FLAGS.dataset)
+    test, val, train_set = common.split(trajs)
+    common.info(f"split: {len(test)} test, {len(val)} val, {len(train_set)} train trajectories")
+    batch = FLAGS.batch_size
+
+    # ---------------------------------------------------------------- model: load or pretrain
+    t0 = time.time()
+    if FLAGS.pretrained:
+        saved, normalizer, meta = checkpoint.restore_model(FLAGS.pretrained)
+        cfg = checkpoint.adapt_config_from_dict(meta["model_config"])
+        model_params = saved["model"]
+        pretrain_history = []
+        common.info(f"loaded pretrained model from {FLAGS.pretrained} ({cfg})")
+    else:
+        cfg = common.model_config()
+        normalizer = loops.normalizer_from_trajectories(train_set)
+        init = model.init_params(cfg, jax.random.PRNGKey(FLAGS.seed))
+        pre_train = train_set
+        if FLAGS.pretrain_frame_stride > 1:
+            from bptt_mlip.data.generator import subsample_frames
+
+            pre_train = [subsample_frames(t, FLAGS.pretrain_frame_stride) for t in train_set]
+        model_params, pretrain_history = loops.pretrain(
+            model.make_train_force_fn(cfg, normalizer), model.make_force_fn(cfg, normalizer), init, pre_train, val,
+            epochs=FLAGS.pretrain_epochs, batch_size=FLAGS.pretrain_batch_size,
+            optim_config=optim.OptimConfig(learning_rate=FLAGS.pretrain_lr, clip_norm=1.0, freeze_step=True),
+            seed=FLAGS.seed, log=log,
+        )
+    timings["pretrain_s"] = time.time() - t0
+    force_fn = model.make_force_fn(cfg, normalizer)
+    common.info(f"model: {cfg}, {model.count_params(model_params)} parameters")
+    common.save_model(workdir / "checkpoints" / "pretrained", {"model": model_params, "step": {}}, normalizer, cfg,
+                      relax.StepConfig(), {"role": "pretrained"})
+
+    def force_errors(p, trajs_):
+        from bptt_mlip import evaluate
+
+        return evaluate.evaluate_forces(force_fn, p, batching.force_batches(trajs_, FLAGS.pretrain_batch_size))
+
+    pre_forces = force_errors(model_params, test)
+
+    # ---------------------------------------------------------------- grid search (chosen on training data)
+    t0 = time.time()
+    steps = [float(s) for s in FLAGS.grid_steps]
+    eval_rollout = common.rollout_config(remat="none")
+    grid_trajs = train_set[: FLAGS.grid_max_trajectories] if FLAGS.grid_max_trajectories else train_set
+    grid_train = loops.grid_search(force_fn, model_params, grid_trajs, steps, eval_rollout, batch_size=batch)
+    best_i = int(np.argmin(grid_train["mean_dq"]))
+    best_step = steps[best_i]
+    grid_test = loops.grid_search(force_fn, model_params, test, steps, eval_rollout, batch_size=batch) if FLAGS.grid_on_test else None
+    timings["grid_s"] = time.time() - t0
+    grid_rows = [
+        {"step": s, "train_mean_dq": float(grid_train["mean_dq"][i]),
+         "train_converged": int(grid_train["converged"][i].sum()),
+         **({"test_mean_dq": float(grid_test["mean_dq"][i]), "test_converged": int(grid_test["converged"][i].sum())}
+            if grid_test is not None else {})}
+        for i, s in enumerate(steps)
+    ]
+    for i, r in enumerate(grid_rows):
+        log("grid", i, r)
+    common.info(f"best grid step on training data: {best_step:g} (train mean Dq {grid_train['mean_dq'][best_i]:.4g})")
+
+    # ---------------------------------------------------------------- baselines on the test split
+    fixed = relax.StepConfig(kind="fixed", init_step=best_step)
+    fixed_fn = relax.make_step_size_fn(fixed)
+    pre_params = {"model": model_params, "step": {"eta": jnp.asarray(best_step, jnp.float32)}}
+    pre_summary, pre_per = loops.relaxation_table(force_fn, fixed_fn, pre_params, test, fixed, eval_rollout, batch_size=batch)
+    fire_summary = None
+    if FLAGS.fire:
+        t0 = time.time()
+        fire_cfg = fire.FireConfig(fmax=FLAGS.fire_fmax, max_steps=FLAGS.fire_max_steps)
+        fire_summary, _ = loops.fire_table(force_fn, model_params, test, fire_cfg, batch_size=batch)
+        timings["fire_s"] = time.time() - t0
+
+    # ---------------------------------------------------------------- BPTT
+    t0 = time.time()
+    step_cfg = relax.StepConfig(
+        kind=FLAGS.step_kind, init_step=FLAGS.init_step or best_step, momentum=FLAGS.momentum, anneal=FLAGS.anneal,
+        noise_std=FLAGS.noise_std, max_displacement=FLAGS.max_displacement,
+    )
+    start_model = model.init_params(cfg, jax.random.PRNGKey(FLAGS.seed + 1)) if FLAGS.random_init else model_params
+    params = {"model": start_model, "step": relax.init_step_params(step_cfg, jax.random.PRNGKey(FLAGS.seed + 2))}
+    step_fn = relax.make_step_size_fn(step_cfg, normalizer)
+    bptt_cfg = train.BPTTConfig(step=step_cfg, rollout=common.rollout_config(), random_stopping=FLAGS.random_stopping,
+                                frame_limit_range=(min(50, FLAGS.max_frames), FLAGS.max_frames))
+    optim_cfg = optim.OptimConfig(
+        learning_rate=FLAGS.bptt_lr, step_learning_rate=FLAGS.step_lr, clip_norm=FLAGS.clip_norm,
+        proximal_weight=FLAGS.proximal_weight, weight_decay=FLAGS.weight_decay, freeze_model=FLAGS.freeze_model,
+        freeze_step=FLAGS.step_kind == "fixed",
+    )
+    ckpt_dir = workdir / "checkpoints" / "bptt"
+
+    def on_epoch_end(epoch, state, row):
+        checkpoint.save_checkpoint(ckpt_dir / "train_state", epoch, state, normalizer,
+                                   {"epoch": epoch, "model_config": checkpoint.config_to_dict(cfg),
+                                    "step_config": checkpoint.config_to_dict(step_cfg)})
+
+    best_params, bptt_history, _ = loops.bptt_finetune(
+        force_fn, step_fn, params, train_set, val, bptt_config=bptt_cfg, optim_config=optim_cfg,
+        epochs=FLAGS.bptt_epochs, batch_size=batch, seed=FLAGS.seed, log=log, on_epoch_end=on_epoch_end,
+    )
+    timings["bptt_s"] = time.time() - t0
+    common.save_model(workdir / "checkpoints" / "bptt_best", best_params, normalizer, cfg, step_cfg,
+                      {"role": "bptt_best_validation"})
+    eval_step = relax.RolloutConfig(**{**eval_rollout.__dict__})
+    bptt_summary, bptt_per = loops.relaxation_table(force_fn, step_fn, best_params, test, step_cfg, eval_step, batch_size=batch)
+    bptt_forces = force_errors(best_params["model"], test)
+
+    # ---------------------------------------------------------------- results
+    rows = []
+    if fire_summary is not None:
+        rows.append({"setting": "pretrained + FIRE", **fire_summary})
+    rows.append({"setting": f"pretrained, best grid step {best_step:g}", **pre_summary})
+    learned = float(best_params["step"]["eta"]) if "eta" in best_params["step"] else None
+    rows.append({"setting": f"BPTT ({FLAGS.step_kind} step" + (f", eta={learned:.4g})" if learned else ")"), **bptt_summary})
+    ratio = bptt_summary["mean_dq"] / pre_summary["mean_dq"]
+    timings["total_s"] = time.time() - t_start
+    results = {
+        "dataset": FLAGS.dataset, "curation": str(report), "split": {"test": len(test), "val": len(val), "train": len(train_set)},
+        "model_config": checkpoint.config_to_dict(cfg), "num_params": model.count_params(model_params),
+        "best_grid_step": best_step, "grid": grid_rows, "relaxation": rows,
+        "dq_ratio_bptt_over_best_grid": ratio,
+        "forces": {"pretrained": pre_forces, "bptt": bptt_forces},
+        "force_rmse_ratio": bptt_forces["force_rmse"] / pre_forces["force_rmse"],
+        "pretrain_history": pretrain_history, "bptt_history": bptt_history,
+        "per_structure_test_dq": {"pretrained_best_grid": pre_per["dq"], "bptt": bptt_per["dq"]},
+        "timings_s": timings,
+    }
+    common.write_json(workdir / "results.json", results)
+    cols = ["setting", "mean_dq", "median_dq", "mean_frames", "num_converged", "num_diverged", "num_structures"]
+    md = [f"# Results: {FLAGS.dataset}", "", f"Command: `{common.command_line()}`", "",
+          f"Split: {len(test)} test / {len(val)} val / {len(train_set)} train; model {cfg}, "
+          f"{model.count_params(model_params)} parameters.", "",
+          "## Test relaxations (Dq in amu^0.5 Å)", "", common.markdown_table(rows, cols), "",
+          f"BPTT / best-grid Dq ratio: **{ratio:.3f}**", "",
+          "## Test force errors (eV/Å)", "",
+          common.markdown_table([{"model": "pretrained", **pre_forces}, {"model": "BPTT-tuned", **bptt_forces}],
+                                ["model", "force_rmse", "force_mae", "force_l2_per_frame", "zero_force_rmse"]), "",
+          "## Grid search (pretrained model)", "",
+          common.markdown_table(grid_rows, list(grid_rows[0].keys())), "",
+          "## Wall time (s)", "", common.markdown_table([{k: round(v, 1) for k, v in timings.items()}], list(timings))]
+    (workdir / "results.md").write_text("\n".join(md) + "\n")
+    plots.loss_curves(bptt_history, workdir / "plots" / "bptt_loss.png")
+    splits = {"train": grid_train["mean_dq"], **({"test": grid_test["mean_dq"]} if grid_test is not None else {})}
+    plots.grid_curve(steps, splits, workdir / "plots" / "grid_search.png", best=best_step)
+    plots.dq_before_after(pre_per["dq"], bptt_per["dq"], workdir / "plots" / "dq_before_after.png")
+    log.close()
+    print("\n".join(md[4:]))
+    print(f"\nrun directory: {workdir}")
+
+
+if __name__ == "__main__":
+    app.run(main)
