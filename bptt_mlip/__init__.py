@@ -40,3 +40,5 @@ from bptt_mlip.train import BPTTConfig, TrainState, create_train_state, make_bpt
 __version__ = "0.1.0"
 
 from bptt_mlip import checkpoint, data, evaluate, fire, loops, potentials  # noqa: E402  (submodules as attributes)
+from bptt_mlip.api import RelaxOutput, TrainedModel, relax as relax_structures  # noqa: E402
+from bptt_mlip.calculator import BPTTCalculator  # noqa: E402

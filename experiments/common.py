@@ -50,6 +50,48 @@ flags.DEFINE_bool("overwrite", False, "Allow writing into a non-empty existing r
 flags.DEFINE_integer("seed", 0, "Seed of every random choice in the run.")
 
 
+def define_pretrain_flags() -> None:
+    """Flags of force pretraining (shared by pretrain.py and finetune.py)."""
+    flags.DEFINE_string("pretrained", "", "Checkpoint directory of a pretrained model; empty = pretrain here.")
+    flags.DEFINE_integer("pretrain_epochs", 10, "Force-pretraining epochs over every training frame.")
+    flags.DEFINE_integer("pretrain_batch_size", 32, "Frames per pretraining batch.")
+    flags.DEFINE_float("pretrain_lr", 5e-4, "Adam learning rate of pretraining (paper's ADAPT: 5e-5 for ~80 epochs).")
+    flags.DEFINE_integer("pretrain_frame_stride", 1, "Use every k-th frame of each training trajectory for pretraining.")
+
+
+def load_pretrained(path: str):
+    """(config, normalizer, model_params) from a saved model checkpoint."""
+    saved, normalizer, meta = checkpoint.restore_model(path)
+    if "model_config" not in meta:
+        raise ValueError(f"{path}: checkpoint metadata has no model_config; was it written by bptt-mlip?")
+    return checkpoint.adapt_config_from_dict(meta["model_config"]), normalizer, saved["model"]
+
+
+def pretrain_model(train_set, val, log):
+    """Load --pretrained, or pretrain a new model on ``train_set``: (config, normalizer, params, history)."""
+    import jax
+
+    from bptt_mlip import loops, optim
+
+    if FLAGS.pretrained:
+        cfg, normalizer, params = load_pretrained(FLAGS.pretrained)
+        info(f"loaded pretrained model from {FLAGS.pretrained} ({cfg})")
+        return cfg, normalizer, params, []
+    cfg = model_config()
+    normalizer = loops.normalizer_from_trajectories(train_set)
+    init = model.init_params(cfg, jax.random.PRNGKey(FLAGS.seed))
+    pre_train = train_set
+    if FLAGS.pretrain_frame_stride > 1:
+        pre_train = [generator.subsample_frames(t, FLAGS.pretrain_frame_stride) for t in train_set]
+    params, history = loops.pretrain(
+        model.make_train_force_fn(cfg, normalizer), model.make_force_fn(cfg, normalizer), init, pre_train, val,
+        epochs=FLAGS.pretrain_epochs, batch_size=FLAGS.pretrain_batch_size,
+        optim_config=optim.OptimConfig(learning_rate=FLAGS.pretrain_lr, clip_norm=1.0, freeze_step=True),
+        seed=FLAGS.seed, log=log,
+    )
+    return cfg, normalizer, params, history
+
+
 def info(message: str) -> None:
     """A progress line on stdout (absl's own INFO logging is left to --verbosity, since orbax
     logs every file operation there)."""

@@ -21,11 +21,7 @@ from bptt_mlip.data import batching
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("pretrained", "", "Checkpoint directory of a pretrained model; empty = pretrain here.")
-flags.DEFINE_integer("pretrain_epochs", 10, "Force-pretraining epochs over every training frame.")
-flags.DEFINE_integer("pretrain_batch_size", 32, "Frames per pretraining batch.")
-flags.DEFINE_float("pretrain_lr", 5e-4, "Adam learning rate of pretraining (paper's ADAPT: 5e-5 for ~80 epochs).")
-flags.DEFINE_integer("pretrain_frame_stride", 1, "Use every k-th frame of each training trajectory for pretraining.")
+common.define_pretrain_flags()
 
 flags.DEFINE_list(
     "grid_steps",
@@ -38,6 +34,7 @@ flags.DEFINE_bool("grid_on_test", True, "Also report test Dq at every grid step 
 
 flags.DEFINE_enum("step_kind", "fixed", ["fixed", "learnable", "neural"], "BPTT step-size rule.")
 flags.DEFINE_float("init_step", 0.0, "Initial step size for BPTT; 0 = the best grid step (chosen on training data).")
+flags.DEFINE_float("init_step_scale", 1.0, "Multiply the initial BPTT step by this (figure 3a: learnable step from far-off starts).")
 flags.DEFINE_float("momentum", 0.0, "Heavy-ball momentum weight of the frame rule (paper ablation: 0.05).")
 flags.DEFINE_float("anneal", 1.0, "Multiplicative step annealing per frame (paper ablation: 0.99).")
 flags.DEFINE_float("noise_std", 0.0, "Exploration noise on each frame's update (Å).")
@@ -77,27 +74,7 @@ def main(argv):
 
     # ---------------------------------------------------------------- model: load or pretrain
     t0 = time.time()
-    if FLAGS.pretrained:
-        saved, normalizer, meta = checkpoint.restore_model(FLAGS.pretrained)
-        cfg = checkpoint.adapt_config_from_dict(meta["model_config"])
-        model_params = saved["model"]
-        pretrain_history = []
-        common.info(f"loaded pretrained model from {FLAGS.pretrained} ({cfg})")
-    else:
-        cfg = common.model_config()
-        normalizer = loops.normalizer_from_trajectories(train_set)
-        init = model.init_params(cfg, jax.random.PRNGKey(FLAGS.seed))
-        pre_train = train_set
-        if FLAGS.pretrain_frame_stride > 1:
-            from bptt_mlip.data.generator import subsample_frames
-
-            pre_train = [subsample_frames(t, FLAGS.pretrain_frame_stride) for t in train_set]
-        model_params, pretrain_history = loops.pretrain(
-            model.make_train_force_fn(cfg, normalizer), model.make_force_fn(cfg, normalizer), init, pre_train, val,
-            epochs=FLAGS.pretrain_epochs, batch_size=FLAGS.pretrain_batch_size,
-            optim_config=optim.OptimConfig(learning_rate=FLAGS.pretrain_lr, clip_norm=1.0, freeze_step=True),
-            seed=FLAGS.seed, log=log,
-        )
+    cfg, normalizer, model_params, pretrain_history = common.pretrain_model(train_set, val, log)
     timings["pretrain_s"] = time.time() - t0
     force_fn = model.make_force_fn(cfg, normalizer)
     common.info(f"model: {cfg}, {model.count_params(model_params)} parameters")
@@ -147,7 +124,7 @@ def main(argv):
     # ---------------------------------------------------------------- BPTT
     t0 = time.time()
     step_cfg = relax.StepConfig(
-        kind=FLAGS.step_kind, init_step=FLAGS.init_step or best_step, momentum=FLAGS.momentum, anneal=FLAGS.anneal,
+        kind=FLAGS.step_kind, init_step=(FLAGS.init_step or best_step) * FLAGS.init_step_scale, momentum=FLAGS.momentum, anneal=FLAGS.anneal,
         noise_std=FLAGS.noise_std, max_displacement=FLAGS.max_displacement,
     )
     start_model = model.init_params(cfg, jax.random.PRNGKey(FLAGS.seed + 1)) if FLAGS.random_init else model_params

@@ -1,4 +1,4 @@
-"""Smoke test: the main job runs end to end on tiny settings and writes its run directory."""
+"""Smoke tests: each experiment script runs end to end on tiny settings and writes its outputs."""
 
 from __future__ import annotations
 
@@ -7,37 +7,54 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY_FLAGS = [
-    "--max_trajectories=12", "--num_test=3", "--num_val=2", "--d_model=16", "--d_ff=16", "--num_heads=2",
-    "--num_layers=1", "--embed_hidden=16", "--pretrain_epochs=1", "--pretrain_frame_stride=20", "--bptt_epochs=1",
-    "--max_frames=4", "--grid_steps=0.01,0.04", "--fire_max_steps=5", "--batch_size=4", "--pretrain_batch_size=16",
-]
+DATA_FLAGS = ["--max_trajectories=12", "--num_test=3", "--num_val=2"]
+MODEL_FLAGS = ["--d_model=16", "--d_ff=16", "--num_heads=2", "--num_layers=1", "--embed_hidden=16"]
+PRETRAIN_FLAGS = ["--pretrain_epochs=1", "--pretrain_frame_stride=20", "--pretrain_batch_size=16"]
+RUN_FLAGS = ["--bptt_epochs=1", "--max_frames=4", "--grid_steps=0.01,0.04", "--fire_max_steps=5", "--batch_size=4"]
 
 
-def run_finetune(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "experiments.finetune", f"--workdir={workdir}", *TINY_FLAGS, *extra]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+def run(module: str, *flags: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", f"experiments.{module}", *flags]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
-def test_finetune_script_end_to_end(tmp_path):
+def test_make_dataset_script(tmp_path):
+    proc = run("make_dataset", "--kind=si_defects", "--num=2", f"--out={tmp_path / 'ds'}",
+               "--xyz=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    assert manifest["statistics"]["num_trajectories"] == 2
+
+
+def test_pretrain_finetune_and_ablation_scripts_end_to_end(tmp_path):
+    pre = run("pretrain", f"--workdir={tmp_path / 'pre'}", *DATA_FLAGS, *MODEL_FLAGS, *PRETRAIN_FLAGS)
+    assert pre.returncode == 0, pre.stderr[-4000:]
+    ckpt = tmp_path / "pre" / "checkpoints" / "pretrained"
+    assert (ckpt / "0").is_dir()
+
     workdir = tmp_path / "run"
-    proc = run_finetune(workdir, "--step_kind=learnable")
+    proc = run("finetune", f"--workdir={workdir}", f"--pretrained={ckpt}", "--step_kind=learnable", *DATA_FLAGS,
+               *RUN_FLAGS)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "BPTT / best-grid Dq ratio" in proc.stdout
     results = json.loads((workdir / "results.json").read_text())
     assert results["split"] == {"test": 3, "val": 2, "train": 7}
     assert [r["step"] for r in results["grid"]] == [0.01, 0.04]
     assert len(results["per_structure_test_dq"]["bptt"]) == 3
+    assert results["model_config"]["d_model"] == 16  # taken from the checkpoint, not the flags
     for name in ("bptt_loss.png", "grid_search.png", "dq_before_after.png"):
         assert (workdir / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for ck in ("pretrained", "bptt_best"):
-        assert (workdir / "checkpoints" / ck / "0").is_dir()
+    assert (workdir / "checkpoints" / "bptt_best" / "0").is_dir()
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     assert any(json.loads(l)["phase"] == "bptt_step" for l in lines)
     # an existing run directory is not overwritten without --overwrite
-    again = run_finetune(workdir)
+    again = run("finetune", f"--workdir={workdir}", f"--pretrained={ckpt}", *DATA_FLAGS, *RUN_FLAGS)
     assert again.returncode != 0 and "--overwrite" in again.stderr
+
+    abl = run("ablations", f"--pretrained={ckpt}", f"--ablation_dir={tmp_path / 'abl'}", "--variants=no_bptt",
+              f"--extra={' '.join(DATA_FLAGS + RUN_FLAGS)}")
+    assert abl.returncode == 0, abl.stderr[-4000:]
+    rows = json.loads((tmp_path / "abl" / "ablations.json").read_text())
+    assert rows[0]["variant"] == "no_bptt" and abs(rows[0]["ratio"] - 1.0) < 1e-6

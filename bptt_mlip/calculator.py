@@ -1,0 +1,172 @@
+"""ASE glue: the trained model as an ASE calculator, and any ASE calculator as a data-generator oracle.
+
+``BPTTCalculator`` computes **forces only**. ADAPT predicts forces directly; it has no energy
+(and no stress), so asking for either raises ``PropertyNotImplementedError``.
+
+ASE optimisers and energies: in ASE 3.29 every ``Optimizer`` logs an energy after each step
+(``Optimizer.log`` calls ``optimizable.get_value()``, i.e. ``atoms.get_potential_energy()``,
+even with ``logfile=None``), so ``FIRE(atoms).run()`` on atoms with a forces-only calculator
+stops with that error at its first log line. Wrap the atoms with :func:`forces_only`::
+
+    from ase.optimize import FIRE
+    from bptt_mlip.calculator import BPTTCalculator, forces_only
+
+    atoms.calc = BPTTCalculator(model)
+    FIRE(forces_only(atoms), logfile=None).run(fmax=0.05, steps=200)   # moves ``atoms`` in place
+
+``forces_only`` reports the energy to the optimiser as NaN (the log's "Energy" column shows
+``nan``), so use it only with optimisers that move on forces alone: ``FIRE`` with its default
+``downhill_check=False`` (tested against :func:`bptt_mlip.api.relax` with ``method="fire"``), and,
+reading ASE's code, ``BFGS``, ``LBFGS`` without line search and ``MDMin``. Optimisers that compare
+energies (``BFGSLineSearch``, ``LBFGS(use_line_search=True)``, ``GPMin``,
+``FIRE(downhill_check=True)``) would silently misbehave on NaN energies: do not use them.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+from ase.optimize.optimize import OptimizableAtoms
+
+from bptt_mlip import api, structures as structures_lib
+from bptt_mlip.data.batching import DEFAULT_BUCKETS, bucket_atoms
+from bptt_mlip.data.oracles import Oracle
+
+NO_ENERGY = (
+    "BPTTCalculator does not compute {name!r}: the ADAPT model predicts forces directly and has no "
+    "energy (and no stress). Ask for forces (atoms.get_forces()). To run an ASE optimiser, which "
+    "logs an energy every step, wrap the atoms: FIRE(bptt_mlip.calculator.forces_only(atoms)).run(...)."
+)
+
+
+class BPTTCalculator(Calculator):
+    """ASE calculator of a trained model's forces (eV/Å); energy and stress are not available.
+
+    Args:
+      model: a :class:`bptt_mlip.api.TrainedModel`, or any ``force_fn(params, structures)``
+        (then pass ``params``).
+      params: the force function's parameters (only with a plain ``force_fn``).
+      buckets: atom-count padding sizes; a structure is padded to the smallest bucket that fits,
+        so calls on structures of the same bucket reuse one compiled function.
+
+    The force function is jitted once per model (shared with :func:`bptt_mlip.api.relax`); it
+    runs in float32, and ASE's float64 positions are rounded to float32 on the way in.
+    """
+
+    implemented_properties = ["forces"]
+
+    def __init__(self, model, *, params=None, buckets: Sequence[int] = DEFAULT_BUCKETS, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(model, api.TrainedModel):
+            if params is not None:
+                raise ValueError("pass params only with a plain force_fn")
+            self._force_fn, self._params = model.force_fn, model.params["model"]
+        elif callable(model):
+            if params is None:
+                raise ValueError("BPTTCalculator with a plain force_fn needs params=")
+            self._force_fn, self._params = model, params
+        else:
+            raise TypeError(f"model must be a TrainedModel or a force_fn, got {type(model).__name__}")
+        self.model = model
+        self.buckets = tuple(buckets)
+        self._jitted = api.jitted_forces(self._force_fn)
+
+    def get_property(self, name, atoms=None, allow_calculation=True):
+        if name != "forces":
+            raise PropertyNotImplementedError(NO_ENERGY.format(name=name))
+        return super().get_property(name, atoms, allow_calculation)
+
+    def calculate(self, atoms=None, properties=("forces",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        n = len(self.atoms)
+        batch = structures_lib.from_atoms([self.atoms], max_atoms=bucket_atoms(n, self.buckets), batch_size=1)
+        forces = np.asarray(self._jitted(self._params, batch))[0, :n].astype(np.float64)
+        self.results = {"forces": forces}
+
+
+class _ForcesOnlyOptimizable(OptimizableAtoms):
+    """ASE's optimisable view of atoms, with the energy reported as NaN (never computed)."""
+
+    def get_value(self):
+        return float("nan")
+
+
+class forces_only:  # noqa: N801  (reads like a function at the call site)
+    """Wrap ``atoms`` so an ASE optimiser runs on forces alone (see the module docstring).
+
+    ``FIRE(forces_only(atoms)).run(fmax, steps)`` moves ``atoms`` itself; everything else
+    (``len``, ``get_positions``, trajectories, observers) is forwarded to ``atoms``.
+    """
+
+    def __init__(self, atoms):
+        self.atoms = atoms
+
+    def __ase_optimizable__(self):
+        return _ForcesOnlyOptimizable(self.atoms)
+
+    def __len__(self):
+        return len(self.atoms)
+
+    def __getattr__(self, name):
+        return getattr(self.atoms, name)
+
+
+# --------------------------------------------------------------------------- calculator -> oracle
+
+
+class CalculatorOracle(Oracle):
+    """An :class:`~bptt_mlip.data.oracles.Oracle` backed by an ASE calculator (see :func:`oracle_from_calculator`)."""
+
+    def __init__(self, calc, *, name: str, elements: Sequence[int], cutoff: float = 0.0, require_energy: bool = True):
+        self.calc = calc
+        self.name = name
+        self.elements = tuple(int(z) for z in elements)
+        self.cutoff = float(cutoff)
+        self.require_energy = require_energy
+
+    def forces_and_energy(self, species, positions, cell):
+        from ase import Atoms
+
+        self.check(species, positions, cell)
+        atoms = Atoms(numbers=np.asarray(species), positions=np.asarray(positions, np.float64), cell=cell,
+                      pbc=cell is not None)
+        atoms.calc = self.calc
+        forces = np.asarray(atoms.get_forces(), np.float64)
+        try:
+            energy = float(atoms.get_potential_energy())
+        except PropertyNotImplementedError as err:
+            if self.require_energy:
+                raise PropertyNotImplementedError(
+                    f"oracle {self.name!r}: the calculator gives no energy, and the data generator needs one "
+                    "(it rejects non-finite energies); pass require_energy=False to get NaN energies"
+                ) from err
+            energy = float("nan")
+        return forces, energy
+
+
+def oracle_from_calculator(
+    calc,
+    *,
+    name: str | None = None,
+    elements: Sequence[int | str] | None = None,
+    cutoff: float = 0.0,
+    require_energy: bool = True,
+) -> CalculatorOracle:
+    """Wrap any ASE calculator as an oracle for :mod:`bptt_mlip.data.generator` (e.g. ``generator.relax``).
+
+    Args:
+      calc: an ASE calculator instance (reused for every structure; ASE calculators recompute when
+        the atoms change).
+      name: written into dataset manifests (default: the calculator's class name, lower case).
+      elements: atomic numbers or symbols it covers (default: every element, Z = 1..103; the
+        calculator itself then decides what it accepts).
+      cutoff: interaction range (Å); a cell narrower than twice this is refused (0: no check).
+      require_energy: raise if the calculator has no energy (the generator needs energies).
+    """
+    from bptt_mlip import descriptors
+
+    z = tuple(range(1, 104)) if elements is None else tuple(int(v) for v in descriptors.atomic_numbers(list(elements)))
+    return CalculatorOracle(calc, name=name or type(calc).__name__.lower(), elements=z, cutoff=cutoff,
+                            require_energy=require_energy)

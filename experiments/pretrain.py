@@ -1,0 +1,44 @@
+"""Force pretraining alone: fit ADAPT to every frame's forces and save an orbax checkpoint.
+
+    python -m experiments.pretrain --flagfile=experiments/si_cpu.flags --workdir=runs/pretrain
+
+The saved ``checkpoints/pretrained`` can be passed to the other scripts with --pretrained.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+from absl import app, flags
+
+from experiments import common
+from bptt_mlip import evaluate, loops, model, optim, relax
+from bptt_mlip.data import batching
+
+FLAGS = flags.FLAGS
+common.define_pretrain_flags()
+
+
+def main(argv):
+    del argv
+    common.quiet_libraries()
+    workdir = common.prepare_workdir(FLAGS.workdir, FLAGS.overwrite)
+    log = common.MetricsWriter(workdir / "metrics.jsonl")
+    common.write_json(workdir / "config.json", {"command": common.command_line(), "flags": common.flag_values()})
+    trajs, _ = common.load_trajectories(FLAGS.dataset)
+    test, val, train_set = common.split(trajs)
+    t0 = time.time()
+    cfg, normalizer, params, history = common.pretrain_model(train_set, val, log)
+    ff = model.make_force_fn(cfg, normalizer)
+    test_forces = evaluate.evaluate_forces(ff, params, batching.force_batches(test, FLAGS.pretrain_batch_size))
+    common.save_model(workdir / "checkpoints" / "pretrained", {"model": params, "step": {}}, normalizer, cfg,
+                      relax.StepConfig(), {"role": "pretrained", "history": history})
+    common.write_json(workdir / "results.json", {"test_forces": test_forces, "history": history,
+                                                 "num_params": model.count_params(params), "wall_s": time.time() - t0})
+    common.info(f"test force errors: {test_forces}")
+    log.close()
+
+
+if __name__ == "__main__":
+    app.run(main)
