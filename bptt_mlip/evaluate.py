@@ -21,13 +21,18 @@ from bptt_mlip.structures import ForceBatch, RelaxationBatch
 Params = Any
 
 
+@functools.lru_cache(maxsize=64)
 def make_relax_eval(
     force_fn: ForceFn,
     step_size_fn: relax.StepSizeFn,
     step_config: relax.StepConfig,
     rollout_config: relax.RolloutConfig,
 ):
-    """A jitted ``fn(params, batch, key) -> dict`` of per-structure Dq, frames, flags for one batch."""
+    """A jitted ``fn(params, batch, key) -> dict`` of per-structure Dq, frames, flags for one batch.
+
+    Cached on its (hashable) arguments, so repeated evaluations with the same force function
+    and configs (validation after every epoch) reuse one compiled function per batch shape.
+    """
 
     @jax.jit
     def run(params, batch: RelaxationBatch, key):

@@ -8,7 +8,9 @@ compiles one shape per bucket), and report through an optional ``log(step, metri
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -124,6 +126,10 @@ def grid_search(
     return out
 
 
+def _float_str(x: float) -> str:
+    return repr(float(x))
+
+
 def bptt_finetune(
     force_fn: ForceFn,
     step_size_fn: relax.StepSizeFn,
@@ -141,14 +147,35 @@ def bptt_finetune(
     log: LogFn = _no_log,
     on_epoch_end: Callable[[int, train.TrainState, dict], None] | None = None,
     max_consecutive_bad_steps: int = 10,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    max_checkpoints: int | None = 3,
+    report: Callable[[str], None] = print,
 ) -> tuple[Params, list[dict], train.TrainState]:
     """BPTT fine-tuning; validation Dq after each epoch; returns (best-validation params,
     history, final state). Without validation data the last parameters are returned.
 
-    Non-finite gradients skip the update and are counted; more than
+    Non-finite gradients skip the update and are counted (per step ``skipped`` in the log, per
+    epoch ``skipped_steps`` and the running ``nonfinite_total`` in the history); more than
     ``max_consecutive_bad_steps`` in a row stop training with a RuntimeError that keeps the
     best parameters seen so far in its ``args[1]``.
+
+    Checkpoints (``checkpoint_dir`` given): the full TrainState, the best-validation parameters
+    and, as JSON, the epoch, the number of batches done in it, the partial epoch sums, the best
+    validation value and the history, every ``checkpoint_every`` steps (0 = only at epoch ends)
+    and after every epoch; steps right after a skipped (non-finite) update are not saved, so the
+    newest checkpoint is always a good one. With ``resume`` the newest good checkpoint is
+    restored (a corrupt one is reported and the one before used) and training goes on from the
+    next batch: the batch order of an epoch is a pure function of ``seed`` and the epoch, so the
+    batches already done are skipped, and the result is bit-identical to an uninterrupted run.
     """
+    from bptt_mlip import checkpoint as ckpt
+
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
     tx = optim.make_optimizer(optim_config)
     state = train.create_train_state(params, tx, jax.random.PRNGKey(seed))
     step = train.make_bptt_step(force_fn, step_size_fn, bptt_config, tx)
@@ -157,6 +184,8 @@ def bptt_finetune(
     )
     history: list[dict] = []
     best, best_val = params, math.inf
+    identity = {"seed": int(seed), "batch_size": int(batch_size), "num_train": len(train_trajs),
+                "num_val": len(val_trajs)}
 
     def validate(p):
         per = evaluate.evaluate_relaxations(
@@ -165,33 +194,77 @@ def bptt_finetune(
         )
         return evaluate.summarize(per)
 
-    if val_trajs:
+    def save(global_step, epoch, batches_done, sums, n):
+        if checkpoint_dir is None:
+            return
+        meta = {
+            **identity, "epoch": epoch, "batch_in_epoch": batches_done, "global_step": global_step,
+            "epoch_sums": {k: _float_str(v) for k, v in sums.items()}, "epoch_n": n,
+            "best_val": _float_str(best_val), "history_json": json.dumps(history),
+        }
+        ckpt.save_training_checkpoint(checkpoint_dir, global_step, state, {"best": best}, meta,
+                                      max_to_keep=max_checkpoints)
+
+    start_epoch, skip, global_step, sums, n = 0, 0, 0, {}, 0
+    restored = None
+    if resume and checkpoint_dir is not None:
+        restored = ckpt.restore_training_checkpoint(checkpoint_dir, state, {"best": params}, report=report)
+        if restored is None:
+            report(f"no usable BPTT checkpoint in {checkpoint_dir}; starting BPTT from the beginning")
+    if restored is not None:
+        ck_step, state, trees, meta = restored
+        for k, v in identity.items():
+            if meta.get(k) != v:
+                raise ValueError(
+                    f"checkpoint step {ck_step} in {checkpoint_dir} was written with {k}={meta.get(k)}, this run has "
+                    f"{k}={v}; resume with the same settings or start a new run"
+                )
+        best = trees["best"]
+        best_val = float(meta["best_val"])
+        history = json.loads(meta["history_json"])
+        start_epoch, skip, global_step = int(meta["epoch"]), int(meta["batch_in_epoch"]), int(meta["global_step"])
+        sums, n = {k: float(v) for k, v in meta["epoch_sums"].items()}, int(meta["epoch_n"])
+        report(f"resuming BPTT from checkpoint step {ck_step}: epoch {start_epoch + 1} of {epochs}, "
+               f"{skip} batches of it done")
+    elif val_trajs:
         v0 = validate(params)
         best_val = v0["mean_dq"]
         history.append({"epoch": 0, **{f"val_{k}": v for k, v in v0.items()}})
         log("bptt", 0, history[-1])
-    global_step = 0
-    for epoch in range(epochs):
+    for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
-        sums, n = {}, 0
-        for batch in batching.relaxation_batches(
+        if epoch != start_epoch:
+            sums, n, skip = {}, 0, 0
+        for i, batch in enumerate(batching.relaxation_batches(
             train_trajs, batch_size, buckets=buckets, shuffle_key_or_seed=seed * 100_003 + epoch
-        ):
+        )):
+            if i < skip:  # done before the interruption
+                continue
             state, m = step(state, batch)
             m = to_float(m)
+            m["skipped"] = float(m["nonfinite_consecutive"] > 0)
             global_step += 1
             log("bptt_step", global_step, m)
             if m["nonfinite_consecutive"] > max_consecutive_bad_steps:
                 raise RuntimeError(
                     f"BPTT stopped: {int(m['nonfinite_consecutive'])} consecutive non-finite gradients at step "
-                    f"{global_step}; keeping the best parameters (validation Dq {best_val:.4g})",
+                    f"{global_step} (more than max_consecutive_bad_steps={max_consecutive_bad_steps}); keeping the "
+                    f"best parameters (validation Dq {best_val:.4g})"
+                    + (f" and the last good checkpoint in {checkpoint_dir}" if checkpoint_dir is not None else ""),
                     best,
                 )
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + v
-            n += 1
-        row = {"epoch": epoch + 1, **{f"train_{k}": v / max(n, 1) for k, v in sums.items()}}
-        row["nonfinite_total"] = m["nonfinite_total"] if n else 0.0
+            if m["skipped"]:  # left out of the epoch averages, counted
+                sums["skipped"] = sums.get("skipped", 0.0) + 1.0
+            else:
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n += 1
+            if checkpoint_every and global_step % checkpoint_every == 0 and not m["skipped"]:
+                save(global_step, epoch, i + 1, sums, n)
+        row = {"epoch": epoch + 1, **{f"train_{k}": v / max(n, 1) for k, v in sums.items() if k != "skipped"}}
+        row["nonfinite_total"] = float(optim.nonfinite_counts(state.opt_state)["nonfinite_total"])
+        row["skipped_steps"] = int(sums.get("skipped", 0.0))
+        row["diverged_rollouts"] = int(sums.get("diverged", 0.0))
         if val_trajs and ((epoch + 1) % eval_every_epochs == 0 or epoch + 1 == epochs):
             v = validate(state.params)
             row.update({f"val_{k}": x for k, x in v.items()})
@@ -202,6 +275,8 @@ def bptt_finetune(
         row["epoch_s"] = time.perf_counter() - t0
         history.append(row)
         log("bptt", epoch + 1, row)
+        if not float(optim.nonfinite_counts(state.opt_state)["nonfinite_consecutive"]):
+            save(global_step, epoch + 1, 0, {}, 0)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, state, row)
     return best, history, state

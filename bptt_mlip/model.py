@@ -34,6 +34,9 @@ Params = Any
 ForceFn = Callable[[Params, Structures], jnp.ndarray]
 """Any force model: ``force_fn(params, structures) -> forces [B, N, 3]`` in eV/Å."""
 
+MATMUL_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+"""``AdaptConfig.matmul_dtype`` -> Flax ``dtype`` of Dense/attention (None: float32, Flax's default)."""
+
 NORM_SCALE = 0.3
 NORM_EPS = 1e-6
 
@@ -52,6 +55,9 @@ class AdaptConfig:
       input_encoding: ``"xyz"`` (published: raw Cartesian coordinates) or ``"xyz+fourier"``
         (adds sin/cos of fractional coordinates at ``fourier_frequencies``; needs a cell).
       fourier_frequencies: integer frequencies k of sin(2 pi k s), cos(2 pi k s).
+      matmul_dtype: ``"float32"`` (default) or ``"bfloat16"``: the dtype the Dense layers and
+        attention compute in. Parameters, LayerNorms, the final Dense(3) force head and everything
+        outside the model stay float32 (see docs/performance.md for the effect on Dq and speed).
     """
 
     d_model: int = 256
@@ -62,12 +68,15 @@ class AdaptConfig:
     embed_hidden: int = 128
     input_encoding: str = "xyz"
     fourier_frequencies: tuple[int, ...] = (1, 2, 4, 8)
+    matmul_dtype: str = "float32"
 
     def __post_init__(self):
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
         if self.input_encoding not in ("xyz", "xyz+fourier"):
             raise ValueError(f"input_encoding must be 'xyz' or 'xyz+fourier', got {self.input_encoding!r}")
+        if self.matmul_dtype not in MATMUL_DTYPES:
+            raise ValueError(f"matmul_dtype must be one of {tuple(MATMUL_DTYPES)}, got {self.matmul_dtype!r}")
         object.__setattr__(self, "fourier_frequencies", tuple(int(k) for k in self.fourier_frequencies))
 
     @property
@@ -161,15 +170,20 @@ class EncoderBlock(nn.Module):
     d_ff: int
     num_heads: int
     dropout: float
+    dtype: Any = None  # computation dtype of Dense/attention (None: float32); LayerNorms stay float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, attn_mask: jnp.ndarray, deterministic: bool) -> jnp.ndarray:
+        ln_dtype = None if self.dtype is None else jnp.float32
         attn = nn.MultiHeadDotProductAttention(
-            num_heads=self.num_heads, qkv_features=self.d_model, out_features=self.d_model, name="attention"
+            num_heads=self.num_heads, qkv_features=self.d_model, out_features=self.d_model, dtype=self.dtype,
+            name="attention",
         )(x, x, mask=attn_mask, deterministic=True)
-        h = nn.LayerNorm(name="norm1")(x + nn.Dropout(self.dropout)(attn, deterministic=deterministic))
-        ff = nn.Dense(self.d_model, name="ff_out")(nn.relu(nn.Dense(self.d_ff, name="ff_in")(h)))
-        return nn.LayerNorm(name="norm2")(h + nn.Dropout(self.dropout)(ff, deterministic=deterministic))
+        h = nn.LayerNorm(dtype=ln_dtype, name="norm1")(x + nn.Dropout(self.dropout)(attn, deterministic=deterministic))
+        ff = nn.Dense(self.d_model, dtype=self.dtype, name="ff_out")(
+            nn.relu(nn.Dense(self.d_ff, dtype=self.dtype, name="ff_in")(h))
+        )
+        return nn.LayerNorm(dtype=ln_dtype, name="norm2")(h + nn.Dropout(self.dropout)(ff, deterministic=deterministic))
 
 
 def key_padding_mask(mask: jnp.ndarray) -> jnp.ndarray:
@@ -185,17 +199,19 @@ class Adapt(nn.Module):
     @nn.compact
     def __call__(self, inputs: jnp.ndarray, mask: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
         cfg = self.config
-        x = nn.relu(nn.Dense(cfg.embed_hidden, name="embed_0")(inputs))
-        x = nn.relu(nn.Dense(cfg.d_model, name="embed_1")(x))
-        x = nn.Dense(cfg.d_model, name="embed_2")(x)
-        x = nn.Dropout(cfg.dropout)(nn.LayerNorm(name="embed_norm")(x), deterministic=deterministic)
+        dt = MATMUL_DTYPES[cfg.matmul_dtype]
+        ln_dtype = None if dt is None else jnp.float32
+        x = nn.relu(nn.Dense(cfg.embed_hidden, dtype=dt, name="embed_0")(inputs))
+        x = nn.relu(nn.Dense(cfg.d_model, dtype=dt, name="embed_1")(x))
+        x = nn.Dense(cfg.d_model, dtype=dt, name="embed_2")(x)
+        x = nn.Dropout(cfg.dropout)(nn.LayerNorm(dtype=ln_dtype, name="embed_norm")(x), deterministic=deterministic)
         attn_mask = key_padding_mask(mask)
         for i in range(cfg.num_layers):
-            x = EncoderBlock(cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.dropout, name=f"block_{i}")(
+            x = EncoderBlock(cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.dropout, dtype=dt, name=f"block_{i}")(
                 x, attn_mask, deterministic
             )
-        x = nn.LayerNorm(name="final_norm")(x)
-        return nn.Dense(3, name="force_head")(x)
+        x = nn.LayerNorm(dtype=ln_dtype, name="final_norm")(x)
+        return nn.Dense(3, name="force_head")(x)  # the small force head stays float32
 
 
 def model_inputs(structures: Structures, normalizer: Normalizer, config: AdaptConfig) -> jnp.ndarray:

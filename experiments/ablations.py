@@ -1,6 +1,6 @@
 """The paper's ablations as runs of the main job from one shared pretrained model.
 
-    python -m experiments.ablations --flagfile=experiments/si_cpu.flags \
+    python -m experiments.ablations --base_flagfile=experiments/si_cpu.flags \
         --pretrained=runs/si_cpu/checkpoints/pretrained --ablation_dir=runs/ablations --variants=table1,table4
 
 Every variant is ``experiments.finetune`` with a few flags changed (the table below), run as a
@@ -23,6 +23,7 @@ from absl import app, flags
 from experiments import common
 
 FLAGS = flags.FLAGS
+flags.DEFINE_string("base_flagfile", "", "Flagfile of experiments.finetune shared by every variant.")
 flags.DEFINE_string("ablation_dir", "runs/ablations", "Folder holding one run directory per variant.")
 flags.DEFINE_list("variants", ["table1"], "Groups or single variants to run (see VARIANTS / GROUPS).")
 flags.DEFINE_string("pretrained", "", "Shared pretrained checkpoint (required: the ablations compare from one model).")
@@ -78,7 +79,7 @@ def main(argv):
         raise app.UsageError("--pretrained is required: every variant starts from the same pretrained model")
     root = Path(FLAGS.ablation_dir)
     root.mkdir(parents=True, exist_ok=True)
-    flagfile = [a for a in sys.argv if a.startswith("--flagfile=")]
+    flagfile = [f"--flagfile={FLAGS.base_flagfile}"] if FLAGS.base_flagfile else []
     rows = []
     for name in expand(FLAGS.variants):
         run = root / name

@@ -29,6 +29,14 @@ flags.DEFINE_integer("max_trajectories", 0, "Use only the first N trajectories a
 flags.DEFINE_integer("num_test", 40, "The first N curated trajectories are the test split (paper appendix C.1).")
 flags.DEFINE_integer("num_val", 20, "The next N are validation (best-epoch choice, early stopping); the rest train.")
 flags.DEFINE_integer("min_frames", 3, "Curation: drop trajectories with fewer frames (paper: more than two).")
+flags.DEFINE_bool(
+    "skip_bad_records", False,
+    "Leave out invalid trajectories (non-finite numbers, unknown elements, fewer than 2 frames, atoms closer than "
+    "--min_atom_distance, atom counts or species changing between frames) instead of stopping; they are counted "
+    "with their reasons in the log and results.json.",
+)
+flags.DEFINE_float("min_atom_distance", 0.5, "Validation: two atoms closer than this (Å, minimum image) in the first "
+                   "or last frame make a trajectory invalid; 0 = no check.")
 
 # ---- model
 flags.DEFINE_integer("d_model", 64, "ADAPT width.")
@@ -117,23 +125,108 @@ def rollout_config(**overrides) -> relax.RolloutConfig:
     return relax.RolloutConfig(**base)
 
 
-def load_trajectories(spec: str):
-    """Trajectories from a --dataset spec, curated; logs the curation report."""
+def _read_files(paths, skip_bad: bool, skipped: list):
+    """Read data files; with ``skip_bad`` a file that fails validation is retried trajectory by
+    trajectory (extxyz) or left out whole (other formats), each failure appended to ``skipped``."""
+    from bptt_mlip.data.trajectory import TrajectoryError, error_reason
+
+    out = []
+    for p in paths:
+        try:
+            out.extend(readers.read_trajectories([p]))
+            continue
+        except TrajectoryError as err:
+            if not skip_bad:
+                raise
+            first = err
+        if readers.guess_format(p) == "extxyz":
+            out.extend(_read_extxyz_per_trajectory(p, skipped))
+        else:
+            skipped.append({"where": str(p), "reason": error_reason(first), "message": str(first)})
+    return out
+
+
+def _read_extxyz_per_trajectory(path, skipped: list):
+    """Group an extxyz file's frames by ``traj_id`` as ``readers.read_extxyz`` does, keeping the
+    trajectories that validate and recording the others."""
+    import io
+    import warnings
+
+    import ase.io
+
+    from bptt_mlip.data.trajectory import TrajectoryError, error_reason
+
+    text = readers._read_text(Path(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        frames = ase.io.read(io.StringIO(text), index=":", format="extxyz")
+    groups: dict[str, list] = {}
+    for i, atoms in enumerate(frames):
+        key = atoms.info.get("traj_id")
+        key = readers._stem(Path(path)) if key is None else str(key)
+        groups.setdefault(key, []).append((int(atoms.info.get("frame", i)), atoms))
+    out = []
+    for key, items in groups.items():
+        items.sort(key=lambda q: q[0])
+        try:
+            out.append(readers.from_ase_frames([a for _, a in items], source=str(path), traj_id=key))
+        except TrajectoryError as err:
+            skipped.append({"where": f"{path} trajectory {key!r}", "reason": error_reason(err), "message": str(err)})
+    return out
+
+
+def load_trajectories(
+    spec: str,
+    *,
+    skip_bad: bool | None = None,
+    min_distance: float | None = None,
+    min_frames: int | None = None,
+    max_trajectories: int | None = None,
+    return_skipped: bool = False,
+):
+    """Trajectories from a --dataset spec, validated and curated; logs the curation report.
+
+    Every trajectory is checked (``trajectory.check_relaxation``: finite numbers, known
+    elements, consistent atom counts, at least 2 frames, no atoms closer than ``min_distance`` Å
+    in the first and last frames). An invalid one raises ``TrajectoryError`` naming file,
+    trajectory and frame, unless ``skip_bad`` (default --skip_bad_records), which leaves it out.
+    Returns ``(kept, report)``, or ``(kept, report, skipped)`` with ``return_skipped`` where
+    ``skipped`` is ``trajectory.skipped_summary(...)`` (count, reasons, records).
+    Unset keyword arguments take the flag values.
+    """
+    from bptt_mlip.data import trajectory
+
+    skip_bad = FLAGS.skip_bad_records if skip_bad is None else skip_bad
+    min_distance = FLAGS.min_atom_distance if min_distance is None else min_distance
+    min_frames = FLAGS.min_frames if min_frames is None else min_frames
+    max_trajectories = FLAGS.max_trajectories if max_trajectories is None else max_trajectories
+    skipped: list[dict] = []
     if spec.startswith("default:"):
         trajs = generator.load_default_dataset(spec.split(":", 1)[1])
     elif Path(spec).is_dir():
         trajs = generator.load_dataset(spec)
     else:
         paths = [p for p in spec.split(",") if p]
+        if not paths:
+            raise ValueError("--dataset is empty; give default:<name>, a dataset folder or data files")
         missing = [p for p in paths if not Path(p).exists()]
         if missing:
             raise FileNotFoundError(f"--dataset: no such file(s): {missing}")
-        trajs = readers.read_trajectories(paths)
-    kept, report = curation.curate(trajs, min_frames=FLAGS.min_frames)
+        trajs = _read_files(paths, skip_bad, skipped)
+    good, bad = trajectory.check_relaxations(trajs, skip_bad=skip_bad, min_distance=min_distance)
+    skipped.extend(bad)
+    summary = trajectory.skipped_summary(skipped)
+    if skipped:
+        info(f"skipped {len(skipped)} invalid trajectories (--skip_bad_records): {summary['by_reason']}")
+        for rec in skipped:
+            info(f"  skipped [{rec['reason']}] {rec['message']}")
+    kept, report = curation.curate(good, min_frames=min_frames)
     info(f"dataset {spec}: {report}")
-    if FLAGS.max_trajectories:
-        kept = kept[: FLAGS.max_trajectories]
-    return kept, report
+    if max_trajectories:
+        kept = kept[:max_trajectories]
+    if not kept:
+        raise ValueError(f"--dataset={spec}: no usable trajectories ({report}; {len(skipped)} skipped as invalid)")
+    return (kept, report, summary) if return_skipped else (kept, report)
 
 
 def split(trajs):
@@ -141,22 +234,35 @@ def split(trajs):
     n_test, n_val = FLAGS.num_test, FLAGS.num_val
     if n_test + n_val >= len(trajs):
         raise ValueError(
-            f"--num_test={n_test} + --num_val={n_val} leaves no training data out of {len(trajs)} trajectories"
+            f"--num_test={n_test} + --num_val={n_val} >= {len(trajs)} usable trajectories: no training data left; "
+            "lower --num_test / --num_val or add data"
         )
     test, rest = curation.split_test_train(trajs, n_test)
     val, train = curation.split_test_train(rest, n_val)
     return test, val, train
 
 
-def prepare_workdir(workdir: str, overwrite: bool) -> Path:
-    """Create the run directory; refuse to write into a non-empty one unless ``overwrite``."""
+def prepare_workdir(workdir: str, overwrite: bool, resume: bool = False) -> Path:
+    """Create the run directory; refuse to write into a non-empty one unless ``overwrite``.
+
+    With ``resume`` the directory must hold an earlier run (config.json) and nothing is deleted."""
     d = Path(workdir)
+    if resume:
+        if overwrite:
+            raise ValueError("--resume and --overwrite contradict each other: --overwrite deletes the run to resume")
+        if not (d / "config.json").exists():
+            raise FileNotFoundError(
+                f"--resume: no checkpoint to resume from: {d} holds no earlier run (no config.json); "
+                "run without --resume to start one"
+            )
+        (d / "plots").mkdir(parents=True, exist_ok=True)
+        return d
     if d.exists() and any(d.iterdir()) and not overwrite:
         raise FileExistsError(f"run directory {d} exists and is not empty; pass --overwrite or choose another --workdir")
     if d.exists() and overwrite:
         for sub in ("checkpoints", "plots"):
             shutil.rmtree(d / sub, ignore_errors=True)
-        for f in ("metrics.jsonl", "results.json", "results.md"):
+        for f in ("metrics.jsonl", "results.json", "results.md", "grid.json"):
             (d / f).unlink(missing_ok=True)
     (d / "plots").mkdir(parents=True, exist_ok=True)
     return d

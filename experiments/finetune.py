@@ -54,32 +54,143 @@ flags.DEFINE_bool("fire", True, "Evaluate the pretrained model with FIRE (ASE se
 flags.DEFINE_float("fire_fmax", 0.05, "FIRE convergence: largest per-atom force below this (eV/Å).")
 flags.DEFINE_integer("fire_max_steps", 500, "FIRE step limit.")
 
+flags.DEFINE_bool("resume", False, "Continue the run in --workdir from its newest good checkpoint (same flags); the "
+                  "result is bit-identical to an uninterrupted run on the same machine.")
+flags.DEFINE_integer("checkpoint_every", 50, "Save the full BPTT training state every N steps (and after every "
+                     "epoch); 0 = only after every epoch.")
+flags.DEFINE_integer("max_consecutive_bad_steps", 10, "Stop BPTT after more than this many consecutive steps with a "
+                     "non-finite loss or gradient (each is skipped); the last good checkpoint stays on disk.")
+
+# flags a resumed run may change without changing its numbers
+RESUME_FREE_FLAGS = ("resume", "overwrite", "checkpoint_every")
+
+
+def flag_problems(v: dict) -> list[str]:
+    """Contradictory or impossible settings in the flag values ``v`` (name -> value), each a
+    sentence naming the flags; empty when the settings are usable. Checked before any work."""
+    out = []
+
+    def need(cond, msg):
+        if not cond:
+            out.append(msg)
+
+    need(v["num_test"] >= 0, f"--num_test={v['num_test']} must be >= 0")
+    need(v["num_val"] >= 0, f"--num_val={v['num_val']} must be >= 0")
+    if v["max_trajectories"] > 0:
+        need(v["num_test"] + v["num_val"] < v["max_trajectories"],
+             f"--num_test={v['num_test']} + --num_val={v['num_val']} >= --max_trajectories={v['max_trajectories']}: "
+             "no training trajectories would be left")
+    need(v["max_trajectories"] >= 0, f"--max_trajectories={v['max_trajectories']} must be >= 0 (0 = all)")
+    need(v["bptt_epochs"] >= 0, f"--bptt_epochs={v['bptt_epochs']} must be >= 0")
+    need(v["pretrain_epochs"] >= 0, f"--pretrain_epochs={v['pretrain_epochs']} must be >= 0")
+    for name in ("bptt_lr", "step_lr", "pretrain_lr"):
+        need(v[name] >= 0, f"--{name}={v[name]} is a negative learning rate")
+    need(v["init_step_scale"] > 0, f"--init_step_scale={v['init_step_scale']} must be > 0")
+    need(v["init_step"] >= 0, f"--init_step={v['init_step']} must be >= 0 (0 = best grid step)")
+    if v["random_stopping"]:
+        need(v["max_frames"] >= 50,
+             f"--random_stopping draws the frame limit from [50, --max_frames], but --max_frames={v['max_frames']} < 50")
+    if v["freeze_model"] and v["bptt_epochs"] > 0:
+        need(v["step_kind"] != "fixed",
+             "--freeze_model with --step_kind=fixed leaves nothing to train (the model is frozen and the fixed step "
+             "has no gradient); use --step_kind=learnable or neural, or --bptt_epochs=0")
+    need(v["max_frames"] >= 1, f"--max_frames={v['max_frames']} must be >= 1")
+    need(v["stop_rms"] > 0, f"--stop_rms={v['stop_rms']} must be > 0")
+    for name in ("batch_size", "pretrain_batch_size", "pretrain_frame_stride", "max_consecutive_bad_steps"):
+        need(v[name] >= 1, f"--{name}={v[name]} must be >= 1")
+    need(v["checkpoint_every"] >= 0, f"--checkpoint_every={v['checkpoint_every']} must be >= 0 (0 = every epoch)")
+    need(v["min_atom_distance"] >= 0, f"--min_atom_distance={v['min_atom_distance']} must be >= 0 (0 = no check)")
+    for name in ("clip_norm", "proximal_weight", "weight_decay", "noise_std", "max_displacement", "dropout"):
+        need(v[name] >= 0, f"--{name}={v[name]} must be >= 0")
+    need(0 < v["anneal"] <= 1, f"--anneal={v['anneal']} must be in (0, 1]")
+    try:
+        steps = [float(x) for x in v["grid_steps"]]
+        need(len(steps) > 0, "--grid_steps is empty")
+        need(all(x > 0 for x in steps), f"--grid_steps={','.join(v['grid_steps'])}: every step size must be > 0")
+    except ValueError:
+        out.append(f"--grid_steps={','.join(v['grid_steps'])}: not a list of numbers")
+    need(not (v["resume"] and v["overwrite"]),
+         "--resume and --overwrite contradict each other: --overwrite deletes the run to resume")
+    if v["pretrained"]:
+        from pathlib import Path
+
+        need(Path(v["pretrained"]).is_dir(), f"--pretrained={v['pretrained']}: no such checkpoint directory")
+    return out
+
+
+def check_flags() -> None:
+    """Raise ``app.UsageError`` listing every problem of the parsed flags (before any work)."""
+    problems = flag_problems(common.flag_values())
+    if problems:
+        raise app.UsageError("invalid flags:\n  " + "\n  ".join(problems))
+
+
+def _check_resume_config(workdir, config: dict) -> None:
+    import json
+
+    old = json.loads((workdir / "config.json").read_text()).get("flags", {})
+    diff = [f"--{k}: run has {old.get(k)!r}, now {config[k]!r}" for k in config
+            if k not in RESUME_FREE_FLAGS and k in old and common._jsonable(config[k]) != old[k]]
+    if diff:
+        raise app.UsageError(
+            f"--resume: the flags differ from the run in {workdir} (a resumed run must use the same settings):\n  "
+            + "\n  ".join(diff)
+        )
+
+
+def _grid_to_json(g):
+    return None if g is None else {k: np.asarray(v).tolist() for k, v in g.items()}
+
+
+def _grid_from_json(g):
+    if g is None:
+        return None
+    as_float = ("mean_dq", "dq", "step_sizes")  # non-finite values were stored as strings ("inf")
+    return {k: np.asarray(v, dtype=object).astype(np.float64) if k in as_float else np.asarray(v) for k, v in g.items()}
+
 
 def main(argv):
     del argv
     t_start = time.time()
     common.quiet_libraries()
-    workdir = common.prepare_workdir(FLAGS.workdir, FLAGS.overwrite)
-    log = common.MetricsWriter(workdir / "metrics.jsonl")
+    check_flags()
     config = common.flag_values()
-    common.write_json(workdir / "config.json", {"command": common.command_line(), "flags": config,
-                                                "devices": [str(d) for d in jax.devices()]})
+    try:
+        workdir = common.prepare_workdir(FLAGS.workdir, FLAGS.overwrite, resume=FLAGS.resume)
+    except (FileExistsError, FileNotFoundError, ValueError) as err:
+        raise app.UsageError(str(err)) from None
+    if FLAGS.resume:
+        _check_resume_config(workdir, config)
+        common.info(f"resuming the run in {workdir}")
+    log = common.MetricsWriter(workdir / "metrics.jsonl")
+    if not FLAGS.resume:
+        common.write_json(workdir / "config.json", {"command": common.command_line(), "flags": config,
+                                                    "devices": [str(d) for d in jax.devices()]})
     timings = {}
 
     # ---------------------------------------------------------------- data
-    trajs, report = common.load_trajectories(FLAGS.dataset)
+    trajs, report, skipped = common.load_trajectories(FLAGS.dataset, return_skipped=True)
     test, val, train_set = common.split(trajs)
     common.info(f"split: {len(test)} test, {len(val)} val, {len(train_set)} train trajectories")
     batch = FLAGS.batch_size
 
     # ---------------------------------------------------------------- model: load or pretrain
     t0 = time.time()
-    cfg, normalizer, model_params, pretrain_history = common.pretrain_model(train_set, val, log)
+    pre_dir = workdir / "checkpoints" / "pretrained"
+    if FLAGS.resume and checkpoint.checkpoint_steps(pre_dir):
+        saved, normalizer, meta = checkpoint.restore_model(pre_dir)
+        cfg, model_params = checkpoint.adapt_config_from_dict(meta["model_config"]), saved["model"]
+        pretrain_history = meta.get("history", [])
+        common.info(f"resume: loaded the pretrained model of this run from {pre_dir} (pretraining skipped)")
+    else:
+        if FLAGS.resume:
+            common.info(f"resume: no pretrained checkpoint in {pre_dir}; pretraining again (deterministic)")
+        cfg, normalizer, model_params, pretrain_history = common.pretrain_model(train_set, val, log)
+        common.save_model(pre_dir, {"model": model_params, "step": {}}, normalizer, cfg,
+                          relax.StepConfig(), {"role": "pretrained", "history": pretrain_history})
     timings["pretrain_s"] = time.time() - t0
     force_fn = model.make_force_fn(cfg, normalizer)
     common.info(f"model: {cfg}, {model.count_params(model_params)} parameters")
-    common.save_model(workdir / "checkpoints" / "pretrained", {"model": model_params, "step": {}}, normalizer, cfg,
-                      relax.StepConfig(), {"role": "pretrained"})
 
     def force_errors(p, trajs_):
         from bptt_mlip import evaluate
@@ -93,10 +204,19 @@ def main(argv):
     steps = [float(s) for s in FLAGS.grid_steps]
     eval_rollout = common.rollout_config(remat="none")
     grid_trajs = train_set[: FLAGS.grid_max_trajectories] if FLAGS.grid_max_trajectories else train_set
-    grid_train = loops.grid_search(force_fn, model_params, grid_trajs, steps, eval_rollout, batch_size=batch)
+    grid_path = workdir / "grid.json"
+    if FLAGS.resume and grid_path.exists():
+        import json
+
+        stored = json.loads(grid_path.read_text())
+        grid_train, grid_test = _grid_from_json(stored["train"]), _grid_from_json(stored["test"])
+        common.info(f"resume: reusing the grid search stored in {grid_path}")
+    else:
+        grid_train = loops.grid_search(force_fn, model_params, grid_trajs, steps, eval_rollout, batch_size=batch)
+        grid_test = loops.grid_search(force_fn, model_params, test, steps, eval_rollout, batch_size=batch) if FLAGS.grid_on_test else None
+        common.write_json(grid_path, {"steps": steps, "train": _grid_to_json(grid_train), "test": _grid_to_json(grid_test)})
     best_i = int(np.argmin(grid_train["mean_dq"]))
     best_step = steps[best_i]
-    grid_test = loops.grid_search(force_fn, model_params, test, steps, eval_rollout, batch_size=batch) if FLAGS.grid_on_test else None
     timings["grid_s"] = time.time() - t0
     grid_rows = [
         {"step": s, "train_mean_dq": float(grid_train["mean_dq"][i]),
@@ -138,17 +258,25 @@ def main(argv):
         freeze_step=FLAGS.step_kind == "fixed",
     )
     ckpt_dir = workdir / "checkpoints" / "bptt"
-
-    def on_epoch_end(epoch, state, row):
-        checkpoint.save_checkpoint(ckpt_dir / "train_state", epoch, state, normalizer,
-                                   {"epoch": epoch, "model_config": checkpoint.config_to_dict(cfg),
-                                    "step_config": checkpoint.config_to_dict(step_cfg)})
-
-    best_params, bptt_history, _ = loops.bptt_finetune(
-        force_fn, step_fn, params, train_set, val, bptt_config=bptt_cfg, optim_config=optim_cfg,
-        epochs=FLAGS.bptt_epochs, batch_size=batch, seed=FLAGS.seed, log=log, on_epoch_end=on_epoch_end,
-    )
+    try:
+        best_params, bptt_history, final_state = loops.bptt_finetune(
+            force_fn, step_fn, params, train_set, val, bptt_config=bptt_cfg, optim_config=optim_cfg,
+            epochs=FLAGS.bptt_epochs, batch_size=batch, seed=FLAGS.seed, log=log,
+            max_consecutive_bad_steps=FLAGS.max_consecutive_bad_steps, checkpoint_dir=ckpt_dir / "train_state",
+            checkpoint_every=FLAGS.checkpoint_every, resume=FLAGS.resume, report=common.info,
+        )
+    except RuntimeError as err:
+        if len(err.args) < 2 or not str(err.args[0]).startswith("BPTT stopped"):
+            raise
+        common.save_model(workdir / "checkpoints" / "bptt_best", err.args[1], normalizer, cfg, step_cfg,
+                          {"role": "bptt_best_validation", "stopped": err.args[0]})
+        log.close()
+        raise SystemExit(f"{err.args[0]}. Best parameters so far saved in {workdir / 'checkpoints' / 'bptt_best'}.")
     timings["bptt_s"] = time.time() - t0
+    nonfinite = optim.nonfinite_counts(final_state.opt_state)
+    skipped_steps = int(nonfinite["nonfinite_total"])
+    if skipped_steps:
+        common.info(f"BPTT skipped {skipped_steps} updates with a non-finite loss or gradient (counted in results.json)")
     common.save_model(workdir / "checkpoints" / "bptt_best", best_params, normalizer, cfg, step_cfg,
                       {"role": "bptt_best_validation"})
     eval_step = relax.RolloutConfig(**{**eval_rollout.__dict__})
@@ -162,6 +290,12 @@ def main(argv):
     rows.append({"setting": f"pretrained, best grid step {best_step:g}", **pre_summary})
     learned = float(best_params["step"]["eta"]) if "eta" in best_params["step"] else None
     rows.append({"setting": f"BPTT ({FLAGS.step_kind} step" + (f", eta={learned:.4g})" if learned else ")"), **bptt_summary})
+    for r in rows:
+        common.info(
+            f"{r['setting']}: {r['num_diverged']} of {r['num_structures']} test relaxations diverged, "
+            f"{r['num_nonfinite']} non-finite (left out of mean_dq); mean Dq without diverged "
+            f"{r['mean_dq_not_diverged']:.4g}"
+        )
     ratio = bptt_summary["mean_dq"] / pre_summary["mean_dq"]
     timings["total_s"] = time.time() - t_start
     results = {
@@ -174,6 +308,11 @@ def main(argv):
         "pretrain_history": pretrain_history, "bptt_history": bptt_history,
         "per_structure_test_dq": {"pretrained_best_grid": pre_per["dq"], "bptt": bptt_per["dq"]},
         "timings_s": timings,
+        "skipped_records": skipped,
+        "nonfinite_skipped_steps": skipped_steps,
+        "diverged": {r["setting"]: {"num_diverged": r["num_diverged"], "num_nonfinite": r["num_nonfinite"],
+                                    "mean_dq_not_diverged": r["mean_dq_not_diverged"]} for r in rows},
+        "resumed": bool(FLAGS.resume),
     }
     common.write_json(workdir / "results.json", results)
     cols = ["setting", "mean_dq", "median_dq", "mean_frames", "num_converged", "num_diverged", "num_structures"]

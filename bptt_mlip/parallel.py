@@ -1,0 +1,151 @@
+"""Data-parallel BPTT: shard a batch of relaxations over devices along the batch axis.
+
+Every structure of a :class:`~bptt_mlip.structures.RelaxationBatch` relaxes independently, so
+the rollout is split over a 1-D device mesh along the batch axis (``NamedSharding`` with
+``PartitionSpec("batch")`` on every batch leaf); the training state (parameters, optimiser
+state, key) is replicated. The existing BPTT step (:func:`bptt_mlip.train.make_bptt_step`) is
+jitted with these input/output shardings and XLA's SPMD partitioner inserts the one
+all-reduce of the batch-mean loss and its gradients. The result equals the single-device
+step up to float32 summation order.
+
+Single host, several accelerators (or CPU devices for testing with
+``XLA_FLAGS=--xla_force_host_platform_device_count=4``, set before ``import jax``)::
+
+    step = parallel.make_sharded_bptt_step(force_fn, step_size_fn, bptt_config, tx)
+    state = parallel.replicate(train.create_train_state(params, tx, key), step.mesh)
+    for batch in relaxation_batches(trajs, batch_size=8 * jax.device_count()):
+        state, metrics = step(state, batch)        # batch is sharded on the way in
+
+Several hosts: call :func:`initialize_distributed` first on every process (same arguments
+except ``process_id``), build the same step on every process (the mesh then spans every
+device of every host), and feed each process its own slice of the global batch with
+``shard_batch(local_batch, mesh, local=True)``: the global batch size is
+``num_processes * local_batch_size`` and must be divisible by the total device count.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from bptt_mlip import relax, train
+from bptt_mlip.model import ForceFn
+from bptt_mlip.structures import RelaxationBatch
+
+BATCH_AXIS = "batch"
+
+
+def initialize_distributed(
+    coordinator_address: str,
+    num_processes: int,
+    process_id: int,
+    *,
+    local_device_ids: Sequence[int] | None = None,
+) -> None:
+    """Join a multi-host JAX job (wraps ``jax.distributed.initialize``).
+
+    Call it once per process, before any other JAX call, with the same ``coordinator_address``
+    (``"host:port"`` of process 0) and ``num_processes`` everywhere and this process's
+    ``process_id`` in ``[0, num_processes)``. Afterwards ``jax.devices()`` lists the devices of
+    every host and :func:`make_mesh` spans them all. ``local_device_ids`` restricts this process
+    to some of its local accelerators (e.g. one process per GPU).
+    """
+    if not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        local_device_ids=local_device_ids,
+    )
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None, axis_name: str = BATCH_AXIS) -> Mesh:
+    """A 1-D mesh over ``devices`` (default: every device of every process)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return Mesh(np.asarray(devices), (axis_name,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, axis_name: str | None = None) -> NamedSharding:
+    """Split the leading (batch) axis over the mesh axis."""
+    return NamedSharding(mesh, PartitionSpec(axis_name or mesh.axis_names[0]))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Put a pytree (e.g. the ``TrainState``) on every device of the mesh."""
+    return jax.device_put(tree, replicated(mesh))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+    n = mesh.devices.size
+    if batch_size % n:
+        raise ValueError(
+            f"batch size {batch_size} is not divisible by the {n} devices of the mesh; use a batch size that is a "
+            f"multiple of {n} (padding rows with weight 0 are fine, e.g. relaxation_batches(..., batch_size={n * -(-batch_size // n)}))"
+        )
+
+
+def shard_batch(batch: RelaxationBatch, mesh: Mesh, *, local: bool = False) -> RelaxationBatch:
+    """Shard every leaf of a batch along its leading axis over the mesh.
+
+    ``local=True`` (multi-host): ``batch`` is this process's slice of the global batch and the
+    global array is assembled with ``jax.make_array_from_process_local_data``.
+    """
+    sharding = batch_sharding(mesh)
+    leaves = jax.tree_util.tree_leaves(batch)
+    sizes = {int(x.shape[0]) for x in leaves}
+    if len(sizes) != 1:
+        raise ValueError(f"batch leaves have different leading sizes {sorted(sizes)}")
+    size = sizes.pop()
+    if local:
+        check_batch_size(size * jax.process_count(), mesh)
+        return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+    check_batch_size(size, mesh)
+    return jax.device_put(batch, sharding)
+
+
+class ShardedStep:
+    """Callable ``(state, batch) -> (state, metrics)``; ``mesh`` and ``jitted`` are exposed."""
+
+    def __init__(self, jitted: Callable, mesh: Mesh):
+        self.jitted = jitted
+        self.mesh = mesh
+
+    def __call__(self, state: train.TrainState, batch: RelaxationBatch):
+        leaves = jax.tree_util.tree_leaves(batch)
+        check_batch_size(int(leaves[0].shape[0]), self.mesh)
+        return self.jitted(state, batch)
+
+    def lower(self, state, batch):
+        return self.jitted.lower(state, batch)
+
+
+def make_sharded_bptt_step(
+    force_fn: ForceFn,
+    step_size_fn: relax.StepSizeFn,
+    config: train.BPTTConfig,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh | None = None,
+) -> ShardedStep:
+    """Data-parallel :func:`bptt_mlip.train.make_bptt_step`.
+
+    The batch (every leaf, leading axis) is split over the 1-D ``mesh`` (default: all devices),
+    the state is replicated, and the returned metrics and new state are replicated. The batch
+    size must be divisible by the number of devices (ValueError otherwise); pad with weight-0
+    rows if needed. Loss and gradients are those of the whole batch, as on one device.
+    """
+    mesh = make_mesh() if mesh is None else mesh
+    if len(mesh.axis_names) != 1:
+        raise ValueError(f"make_sharded_bptt_step needs a 1-D mesh, got axes {mesh.axis_names}")
+    step = train.make_bptt_step(force_fn, step_size_fn, config, optimizer, jit=False)
+    rep, shard = replicated(mesh), batch_sharding(mesh)
+    jitted = jax.jit(step, in_shardings=(rep, shard), out_shardings=(rep, rep))
+    return ShardedStep(jitted, mesh)
