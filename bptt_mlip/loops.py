@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bptt_mlip import evaluate, losses, optim, relax, search, train
+from bptt_mlip import evaluate, losses, optim, progress, relax, search, train
 from bptt_mlip.data import batching
 from bptt_mlip.data.trajectory import Trajectory
 from bptt_mlip.model import AdaptConfig, ForceFn, Normalizer, fit_normalizer
@@ -70,9 +70,11 @@ def pretrain(
     state = train.create_train_state({"model": model_params, "step": {}}, tx, jax.random.PRNGKey(seed))
     step = train.make_pretrain_step(train_force_fn, tx)
     history, best, best_rmse = [], model_params, math.inf
+    total = progress.count_batches([t.num_atoms for t in train_trajs for _ in range(t.num_frames)], batch_size, buckets)
     for epoch in range(epochs):
         t0 = time.perf_counter()
         sums, n = {}, 0
+        bar = progress.Progress(total, f"pretrain epoch {epoch + 1}/{epochs}")
         for batch in batching.force_batches(
             train_trajs, batch_size, buckets=buckets, shuffle_key_or_seed=seed * 100_003 + epoch, drop_remainder=False
         ):
@@ -80,6 +82,8 @@ def pretrain(
             for k, v in to_float(m).items():
                 sums[k] = sums.get(k, 0.0) + v
             n += 1
+            bar.update(force_rmse=sums["force_rmse"] / n)
+        bar.close()
         row = {"epoch": epoch + 1, **{f"train_{k}": v / max(n, 1) for k, v in sums.items()}}
         if val_trajs:
             ev = evaluate.evaluate_forces(force_fn, state.params["model"], batching.force_batches(val_trajs, batch_size, buckets=buckets))
@@ -113,11 +117,15 @@ def grid_search(
     fn = search.make_grid_search(force_fn, rollout_config, chunk_size=chunk_size)
     etas = jnp.asarray(step_sizes, jnp.float32)
     cols: dict[str, list] = {}
+    bar = progress.Progress(progress.count_batches([t.num_atoms for t in trajs], batch_size, buckets),
+                            f"grid search ({len(step_sizes)} step sizes)")
     for batch in batching.relaxation_batches(trajs, batch_size, buckets=buckets):
         res = fn(model_params, batch, etas)
+        bar.update()
         real = np.asarray(batch.weight) > 0
         for k in ("dq", "converged", "num_frames", "diverged"):
             cols.setdefault(k, []).append(np.asarray(getattr(res, k))[:, real])
+    bar.close()
     out = {k: np.concatenate(v, axis=1) for k, v in cols.items()}
     out["frames"] = out.pop("num_frames")
     out["step_sizes"] = np.asarray(step_sizes, np.float64)
@@ -235,9 +243,12 @@ def bptt_finetune(
         t0 = time.perf_counter()
         if epoch != start_epoch:
             sums, n, skip = {}, 0, 0
+        bar = progress.Progress(progress.count_batches([t.num_atoms for t in train_trajs], batch_size, buckets),
+                                f"BPTT epoch {epoch + 1}/{epochs}")
         for i, batch in enumerate(batching.relaxation_batches(
             train_trajs, batch_size, buckets=buckets, shuffle_key_or_seed=seed * 100_003 + epoch
         )):
+            bar.update()
             if i < skip:  # done before the interruption
                 continue
             state, m = step(state, batch)
@@ -261,6 +272,7 @@ def bptt_finetune(
                 n += 1
             if checkpoint_every and global_step % checkpoint_every == 0 and not m["skipped"]:
                 save(global_step, epoch, i + 1, sums, n)
+        bar.close()
         row = {"epoch": epoch + 1, **{f"train_{k}": v / max(n, 1) for k, v in sums.items() if k != "skipped"}}
         row["nonfinite_total"] = float(optim.nonfinite_counts(state.opt_state)["nonfinite_total"])
         row["skipped_steps"] = int(sums.get("skipped", 0.0))
