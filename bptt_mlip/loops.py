@@ -8,6 +8,7 @@ compiles one shape per bucket), and report through an optional ``log(step, metri
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -187,9 +188,7 @@ def bptt_finetune(
     tx = optim.make_optimizer(optim_config)
     state = train.create_train_state(params, tx, jax.random.PRNGKey(seed))
     step = train.make_bptt_step(force_fn, step_size_fn, bptt_config, tx)
-    rollout_eval = relax.RolloutConfig(
-        **{**bptt_config.rollout.__dict__, "remat": "none", "return_trajectory": False}
-    )
+    rollout_eval = dataclasses.replace(bptt_config.rollout, remat="none", return_trajectory=False)
     history: list[dict] = []
     best, best_val = params, math.inf
     identity = {"seed": int(seed), "batch_size": int(batch_size), "num_train": len(train_trajs),

@@ -6,6 +6,7 @@ relaxed at every step size at once, and Dq is returned per step size and structu
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -52,7 +53,7 @@ def grid_search(
     None vmaps all S at once. Jit the caller, or use :func:`make_grid_search`.
     """
     step_size_fn = relax.make_step_size_fn(relax.StepConfig(kind="fixed"))
-    config = relax.RolloutConfig(**{**rollout_config.__dict__, "return_trajectory": False})
+    config = dataclasses.replace(rollout_config, return_trajectory=False)
     s = batch.initial
 
     def one(eta):

@@ -279,8 +279,7 @@ def main(argv):
         common.info(f"BPTT skipped {skipped_steps} updates with a non-finite loss or gradient (counted in results.json)")
     common.save_model(workdir / "checkpoints" / "bptt_best", best_params, normalizer, cfg, step_cfg,
                       {"role": "bptt_best_validation"})
-    eval_step = relax.RolloutConfig(**{**eval_rollout.__dict__})
-    bptt_summary, bptt_per = loops.relaxation_table(force_fn, step_fn, best_params, test, step_cfg, eval_step, batch_size=batch)
+    bptt_summary, bptt_per = loops.relaxation_table(force_fn, step_fn, best_params, test, step_cfg, eval_rollout, batch_size=batch)
     bptt_forces = force_errors(best_params["model"], test)
 
     # ---------------------------------------------------------------- results
