@@ -291,6 +291,11 @@ def test_shipped_si_defects_reproducible_from_manifest(sw):
     fresh = generator.subsample_frames(fresh, m["stored"]["frame_stride"])
     shipped = generator.load_default_dataset("si_defects")[0]
     assert shipped.traj_id == fresh.traj_id
+    # Positions and forces are stored in float32 and must match bit for bit. Energies are stored
+    # in float64: XLA's CPU reductions are not ordered identically on every x86 machine (the
+    # shipped file and a regeneration on another EPYC host differed by 1-2 ulp, 1.7e-13 eV), so
+    # across machines they are compared to a few ulp; on one machine the same seed gives
+    # identical bytes (test_generation_is_reproducible).
     np.testing.assert_array_equal(shipped.positions, fresh.positions.astype(np.float32))
     np.testing.assert_array_equal(shipped.forces, fresh.forces.astype(np.float32))
-    np.testing.assert_array_equal(shipped.energies, fresh.energies)
+    np.testing.assert_allclose(shipped.energies, fresh.energies, rtol=4 * np.finfo(np.float64).eps, atol=0)
