@@ -161,9 +161,19 @@ def bptt_finetune(
     resume: bool = False,
     max_checkpoints: int | None = 3,
     report: Callable[[str], None] = print,
+    start_stride: int = 0,
+    force_batch_size: int = 32,
+    patience: int = 0,
 ) -> tuple[Params, list[dict], train.TrainState]:
     """BPTT fine-tuning; validation Dq after each epoch; returns (best-validation params,
     history, final state). Without validation data the last parameters are returned.
+
+    Regularisers (issue 9): ``start_stride > 0`` starts rollouts also from every
+    ``start_stride``-th stored frame of each training trajectory (target: its last frame);
+    ``bptt_config.force_weight > 0`` adds the force term on ``force_batch_size`` reference
+    frames drawn per step from the training trajectories (``batching.FrameSampler``, a pure
+    function of seed and step); ``patience > 0`` stops early once the validation Dq has not
+    improved for that many validations (the best-validation parameters are returned).
 
     Non-finite gradients skip the update and are counted (per step ``skipped`` in the log, per
     epoch ``skipped_steps`` and the running ``nonfinite_total`` in the history); more than
@@ -185,6 +195,22 @@ def bptt_finetune(
         raise ValueError(f"epochs must be >= 0, got {epochs}")
     if checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
+    if start_stride < 0 or patience < 0:
+        raise ValueError(f"start_stride={start_stride} and patience={patience} must be >= 0")
+    sampler = (batching.FrameSampler(train_trajs, force_batch_size, seed=seed, buckets=buckets)
+               if bptt_config.force_weight else None)
+
+    def epoch_batches(epoch):
+        order = seed * 100_003 + epoch
+        if start_stride:
+            return batching.intermediate_relaxation_batches(
+                train_trajs, batch_size, start_stride, buckets=buckets, shuffle_key_or_seed=order)
+        return batching.relaxation_batches(train_trajs, batch_size, buckets=buckets, shuffle_key_or_seed=order)
+
+    if start_stride:
+        item_sizes = [t.num_atoms for t in train_trajs for _ in batching.intermediate_start_pairs(t, start_stride)]
+    else:
+        item_sizes = [t.num_atoms for t in train_trajs]
     tx = optim.make_optimizer(optim_config)
     state = train.create_train_state(params, tx, jax.random.PRNGKey(seed))
     step = train.make_bptt_step(force_fn, step_size_fn, bptt_config, tx)
@@ -192,7 +218,8 @@ def bptt_finetune(
     history: list[dict] = []
     best, best_val = params, math.inf
     identity = {"seed": int(seed), "batch_size": int(batch_size), "num_train": len(train_trajs),
-                "num_val": len(val_trajs)}
+                "num_val": len(val_trajs), "start_stride": int(start_stride),
+                "force_batch_size": int(force_batch_size) if sampler is not None else 0}
 
     def validate(p):
         per = evaluate.evaluate_relaxations(
@@ -242,15 +269,13 @@ def bptt_finetune(
         t0 = time.perf_counter()
         if epoch != start_epoch:
             sums, n, skip = {}, 0, 0
-        bar = progress.Progress(progress.count_batches([t.num_atoms for t in train_trajs], batch_size, buckets),
+        bar = progress.Progress(progress.count_batches(item_sizes, batch_size, buckets),
                                 f"BPTT epoch {epoch + 1}/{epochs}")
-        for i, batch in enumerate(batching.relaxation_batches(
-            train_trajs, batch_size, buckets=buckets, shuffle_key_or_seed=seed * 100_003 + epoch
-        )):
+        for i, batch in enumerate(epoch_batches(epoch)):
             bar.update()
             if i < skip:  # done before the interruption
                 continue
-            state, m = step(state, batch)
+            state, m = step(state, batch, None if sampler is None else sampler(global_step))
             m = to_float(m)
             m["skipped"] = float(m["nonfinite_consecutive"] > 0)
             global_step += 1
@@ -290,7 +315,20 @@ def bptt_finetune(
             save(global_step, epoch + 1, 0, {}, 0)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, state, row)
+        if patience and val_trajs:
+            since = epoch + 1 - _best_val_epoch(history)
+            if since >= patience:
+                report(f"early stopping after epoch {epoch + 1}: validation Dq has not improved for {since} "
+                       f"epochs (best {best_val:.4g}, patience {patience})")
+                break
     return best, history, state
+
+
+def _best_val_epoch(history: Sequence[dict]) -> int:
+    """The epoch (0 = before training) with the lowest finite validation mean Dq."""
+    scored = [(h["val_mean_dq"], h["epoch"]) for h in history
+              if "val_mean_dq" in h and np.isfinite(h["val_mean_dq"])]
+    return min(scored)[1] if scored else 0
 
 
 def fire_table(

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bptt_mlip import losses, optim, relax
+from bptt_mlip import augment, losses, optim, relax
 from bptt_mlip.model import ForceFn
 from bptt_mlip.structures import ForceBatch, RelaxationBatch, Structures
 
@@ -49,6 +49,14 @@ class BPTTConfig:
       loss: ``"dq"`` (paper eq. 9) or ``"mse"`` (position MSE).
       random_stopping: draw the stopping threshold log-uniformly in ``stop_rms_range`` and the
         frame limit uniformly in ``frame_limit_range`` for every batch (paper appendix B.4).
+      dq_weight: weight of the end-point loss (Dq or MSE) in the objective; 0 = force term only.
+      force_weight: weight of the force-matching term, the mean squared force-component error
+        ((eV/Å)^2) on a batch of reference frames handed to the step beside the relaxations
+        (multi-task BPTT, issue 9); 0 = off (the paper's objective).
+      augment_rotation: rotate each training example (relaxation and force frame) by its own
+        random rotation (start, target, cell and forces together) before the loss.
+      augment_translation: and translate it by a random vector with components uniform in
+        ``[-augment_translation, augment_translation]`` Å (0 = off).
     """
 
     step: relax.StepConfig = relax.StepConfig()
@@ -57,8 +65,19 @@ class BPTTConfig:
     random_stopping: bool = False
     stop_rms_range: tuple[float, float] = (1e-4, 1e-2)
     frame_limit_range: tuple[int, int] = (50, 75)
+    dq_weight: float = 1.0
+    force_weight: float = 0.0
+    augment_rotation: bool = False
+    augment_translation: float = 0.0
 
     def __post_init__(self):
+        if self.dq_weight < 0 or self.force_weight < 0 or self.augment_translation < 0:
+            raise ValueError(
+                f"BPTTConfig: dq_weight={self.dq_weight}, force_weight={self.force_weight} and "
+                f"augment_translation={self.augment_translation} must be >= 0"
+            )
+        if self.dq_weight == 0 and self.force_weight == 0:
+            raise ValueError("BPTTConfig: dq_weight and force_weight are both 0; the objective would be empty")
         if self.loss not in ("dq", "mse"):
             raise ValueError(f"BPTTConfig.loss must be 'dq' or 'mse', got {self.loss!r}")
         if self.random_stopping and self.frame_limit_range[1] > self.rollout.max_frames:
@@ -74,12 +93,28 @@ def bptt_loss(
     step_size_fn: relax.StepSizeFn,
     config: BPTTConfig,
     key: jax.Array,
+    force_batch: ForceBatch | None = None,
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-    """Weighted batch mean of Dq (or MSE) between the rollout end point and the reference.
+    """``dq_weight`` x the weighted batch mean of Dq (or MSE) between the rollout end point and
+    the reference, plus ``force_weight`` x the mean squared force error on ``force_batch``
+    (required when ``config.force_weight > 0``).
 
-    Returns ``(loss, aux)`` with per-batch diagnostics in ``aux``.
+    Returns ``(loss, aux)`` with per-batch diagnostics in ``aux`` (``endpoint_loss`` and, with a
+    force batch, ``force_mse`` in (eV/Å)^2 are the two terms before weighting).
     """
+    if config.force_weight and force_batch is None:
+        raise ValueError("BPTTConfig.force_weight > 0 needs a force_batch of reference frames")
     noise_key, stop_key = jax.random.split(key)
+    if config.augment_rotation or config.augment_translation:
+        # fold_in, not a third split: runs without augmentation keep their noise / stopping keys
+        k_relax, k_force = jax.random.split(jax.random.fold_in(key, 2))
+        batch = augment.augment_relaxation_batch(
+            batch, k_relax, rotate=config.augment_rotation, max_translation=config.augment_translation
+        )
+        if force_batch is not None:
+            force_batch = augment.augment_force_batch(
+                force_batch, k_force, rotate=config.augment_rotation, max_translation=config.augment_translation
+            )
     stop_rms = frame_limit = None
     if config.random_stopping:
         k1, k2 = jax.random.split(stop_key)
@@ -100,14 +135,21 @@ def bptt_loss(
     s = batch.initial
     dq = losses.delta_q(result.positions, batch.target_positions, s.masses, s.mask)
     per = dq if config.loss == "dq" else losses.position_mse(result.positions, batch.target_positions, s.mask)
-    loss = losses.weighted_mean(per, batch.weight)
+    endpoint = losses.weighted_mean(per, batch.weight)
+    loss = config.dq_weight * endpoint if config.dq_weight else jnp.zeros((), endpoint.dtype)
     real = batch.weight > 0
     aux = {
+        "endpoint_loss": endpoint,
         "dq": losses.weighted_mean(dq, batch.weight),
         "frames": losses.weighted_mean(result.num_frames.astype(jnp.float32), batch.weight),
         "converged": jnp.sum(result.converged & real),
         "diverged": jnp.sum(result.diverged & real),
     }
+    if force_batch is not None:
+        force_mse, _ = force_loss(params["model"], force_batch, lambda p, st, k: force_fn(p, st), key)
+        aux["force_mse"] = force_mse
+        if config.force_weight:
+            loss = loss + config.force_weight * force_mse
     return loss, aux
 
 
@@ -132,17 +174,18 @@ def make_bptt_step(
     optimizer: optax.GradientTransformation,
     *,
     jit: bool = True,
-) -> Callable[[TrainState, RelaxationBatch], tuple[TrainState, dict[str, jnp.ndarray]]]:
-    """Build ``bptt_step(state, batch) -> (state, metrics)``: gradients through every frame.
+) -> Callable[..., tuple[TrainState, dict[str, jnp.ndarray]]]:
+    """Build ``bptt_step(state, batch, force_batch=None) -> (state, metrics)``: gradients
+    through every frame (and through the force term on ``force_batch``, see :class:`BPTTConfig`).
 
     A non-finite loss or gradient leaves the parameters unchanged (``optax.apply_if_finite``)
     and shows in ``metrics["nonfinite_total"]``.
     """
 
-    def bptt_step(state: TrainState, batch: RelaxationBatch):
+    def bptt_step(state: TrainState, batch: RelaxationBatch, force_batch: ForceBatch | None = None):
         key, sub = jax.random.split(state.key)
         (loss, aux), grads = jax.value_and_grad(bptt_loss, has_aux=True)(
-            state.params, batch, force_fn, step_size_fn, config, sub
+            state.params, batch, force_fn, step_size_fn, config, sub, force_batch
         )
         new_state = _apply(optimizer, state, grads, key)
         return new_state, {"loss": loss, **aux, **_step_metrics(new_state, grads)}

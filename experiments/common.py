@@ -35,6 +35,11 @@ flags.DEFINE_bool(
     "--min_atom_distance, atom counts or species changing between frames) instead of stopping; they are counted "
     "with their reasons in the log and results.json.",
 )
+flags.DEFINE_integer("cv_folds", 0, "k-fold cross-validation over trajectories (0 = off): the test split is fold "
+                     "--cv_fold of a seeded (--cv_seed) partition into k folds, instead of the first --num_test; "
+                     "validation is the first --num_val of the rest, the others train.")
+flags.DEFINE_integer("cv_fold", 0, "Which fold is the test split (0 .. --cv_folds - 1).")
+flags.DEFINE_integer("cv_seed", 0, "Seed of the fold partition (fixed across a study, independent of --seed).")
 flags.DEFINE_float("min_atom_distance", 0.5, "Validation: two atoms closer than this (Å, minimum image) in the first "
                    "or last frame make a trajectory invalid; 0 = no check.")
 
@@ -230,8 +235,17 @@ def load_trajectories(
 
 
 def split(trajs):
-    """(test, val, train) by position: first num_test, next num_val, rest (paper appendix C.1)."""
+    """(test, val, train): by position, first num_test, next num_val, rest (paper appendix C.1);
+    with --cv_folds=k, test is fold --cv_fold of ``curation.kfold_splits`` and validation the
+    first --num_val of the remaining trajectories (in dataset order)."""
     n_test, n_val = FLAGS.num_test, FLAGS.num_val
+    if FLAGS.cv_folds:
+        rest_idx, test_idx = curation.kfold_splits(len(trajs), FLAGS.cv_folds, FLAGS.cv_seed)[FLAGS.cv_fold]
+        if n_val >= len(rest_idx):
+            raise ValueError(f"--num_val={n_val} >= {len(rest_idx)} trajectories outside test fold {FLAGS.cv_fold}: "
+                             "no training data left")
+        rest = [trajs[i] for i in rest_idx]
+        return [trajs[i] for i in test_idx], rest[:n_val], rest[n_val:]
     if n_test + n_val >= len(trajs):
         raise ValueError(
             f"--num_test={n_test} + --num_val={n_val} >= {len(trajs)} usable trajectories: no training data left; "

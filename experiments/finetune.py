@@ -47,6 +47,19 @@ flags.DEFINE_float("step_lr", 1e-3, "Adam learning rate of the step-size paramet
 flags.DEFINE_float("clip_norm", 1.0, "Global-norm gradient clip (0 = off).")
 flags.DEFINE_float("proximal_weight", 0.0, "Proximal pull toward the pretrained weights (0 = off).")
 flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay during BPTT.")
+flags.DEFINE_float("dq_weight", 1.0, "Weight of the end-point Dq in the BPTT objective (0 = force term only).")
+flags.DEFINE_float("force_weight", 0.0, "Weight of a force-matching term (mean squared force error, (eV/Å)^2, on "
+                   "--force_batch_size reference frames of the training trajectories per step); 0 = the paper's "
+                   "Dq-only objective.")
+flags.DEFINE_integer("force_batch_size", 32, "Reference frames per BPTT step for the force term.")
+flags.DEFINE_bool("augment_rotation", False, "Rotate every training relaxation and force frame by a random rotation "
+                  "(positions, target, cell and forces together).")
+flags.DEFINE_float("augment_translation", 0.0, "Translate every training example by a random vector with components "
+                   "in [-x, x] Å (0 = off).")
+flags.DEFINE_integer("start_stride", 0, "Start BPTT rollouts also from every k-th stored frame of a training "
+                     "trajectory (target: its last frame); 0 = from the first frame only (the paper).")
+flags.DEFINE_integer("patience", 0, "Stop BPTT once the validation Dq has not improved for this many epochs "
+                     "(0 = run every epoch); the best-validation model is kept either way.")
 flags.DEFINE_bool("freeze_model", False, "Train only the step size (figure 5a).")
 flags.DEFINE_bool("random_init", False, "BPTT from random weights instead of the pretrained model (figure 5b).")
 
@@ -76,10 +89,14 @@ def flag_problems(v: dict) -> list[str]:
 
     need(v["num_test"] >= 0, f"--num_test={v['num_test']} must be >= 0")
     need(v["num_val"] >= 0, f"--num_val={v['num_val']} must be >= 0")
-    if v["max_trajectories"] > 0:
+    if v["max_trajectories"] > 0 and not v["cv_folds"]:
         need(v["num_test"] + v["num_val"] < v["max_trajectories"],
              f"--num_test={v['num_test']} + --num_val={v['num_val']} >= --max_trajectories={v['max_trajectories']}: "
              "no training trajectories would be left")
+    if v["cv_folds"]:
+        need(v["cv_folds"] >= 2, f"--cv_folds={v['cv_folds']} must be >= 2 (or 0 = off)")
+        need(0 <= v["cv_fold"] < max(v["cv_folds"], 1),
+             f"--cv_fold={v['cv_fold']} must be in 0..{v['cv_folds'] - 1} (--cv_folds={v['cv_folds']})")
     need(v["max_trajectories"] >= 0, f"--max_trajectories={v['max_trajectories']} must be >= 0 (0 = all)")
     need(v["bptt_epochs"] >= 0, f"--bptt_epochs={v['bptt_epochs']} must be >= 0")
     need(v["pretrain_epochs"] >= 0, f"--pretrain_epochs={v['pretrain_epochs']} must be >= 0")
@@ -100,7 +117,16 @@ def flag_problems(v: dict) -> list[str]:
         need(v[name] >= 1, f"--{name}={v[name]} must be >= 1")
     need(v["checkpoint_every"] >= 0, f"--checkpoint_every={v['checkpoint_every']} must be >= 0 (0 = every epoch)")
     need(v["min_atom_distance"] >= 0, f"--min_atom_distance={v['min_atom_distance']} must be >= 0 (0 = no check)")
-    for name in ("clip_norm", "proximal_weight", "weight_decay", "noise_std", "max_displacement", "dropout"):
+    need(v["dq_weight"] > 0 or v["force_weight"] > 0,
+         "--dq_weight=0 and --force_weight=0 leave the BPTT objective empty")
+    if v["force_weight"] > 0:
+        need(v["force_batch_size"] >= 1, f"--force_batch_size={v['force_batch_size']} must be >= 1")
+    if v["patience"] > 0:
+        need(v["num_val"] > 0, f"--patience={v['patience']} needs validation data, but --num_val=0")
+    for name in ("start_stride", "patience"):
+        need(v[name] >= 0, f"--{name}={v[name]} must be >= 0")
+    for name in ("clip_norm", "proximal_weight", "weight_decay", "noise_std", "max_displacement", "dropout",
+                 "dq_weight", "force_weight", "augment_translation"):
         need(v[name] >= 0, f"--{name}={v[name]} must be >= 0")
     need(0 < v["anneal"] <= 1, f"--anneal={v['anneal']} must be in (0, 1]")
     try:
@@ -251,7 +277,9 @@ def main(argv):
     params = {"model": start_model, "step": relax.init_step_params(step_cfg, jax.random.PRNGKey(FLAGS.seed + 2))}
     step_fn = relax.make_step_size_fn(step_cfg, normalizer)
     bptt_cfg = train.BPTTConfig(step=step_cfg, rollout=common.rollout_config(), random_stopping=FLAGS.random_stopping,
-                                frame_limit_range=(min(50, FLAGS.max_frames), FLAGS.max_frames))
+                                frame_limit_range=(min(50, FLAGS.max_frames), FLAGS.max_frames),
+                                dq_weight=FLAGS.dq_weight, force_weight=FLAGS.force_weight,
+                                augment_rotation=FLAGS.augment_rotation, augment_translation=FLAGS.augment_translation)
     optim_cfg = optim.OptimConfig(
         learning_rate=FLAGS.bptt_lr, step_learning_rate=FLAGS.step_lr, clip_norm=FLAGS.clip_norm,
         proximal_weight=FLAGS.proximal_weight, weight_decay=FLAGS.weight_decay, freeze_model=FLAGS.freeze_model,
@@ -264,6 +292,7 @@ def main(argv):
             epochs=FLAGS.bptt_epochs, batch_size=batch, seed=FLAGS.seed, log=log,
             max_consecutive_bad_steps=FLAGS.max_consecutive_bad_steps, checkpoint_dir=ckpt_dir / "train_state",
             checkpoint_every=FLAGS.checkpoint_every, resume=FLAGS.resume, report=common.info,
+            start_stride=FLAGS.start_stride, force_batch_size=FLAGS.force_batch_size, patience=FLAGS.patience,
         )
     except RuntimeError as err:
         if len(err.args) < 2 or not str(err.args[0]).startswith("BPTT stopped"):

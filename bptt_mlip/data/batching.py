@@ -170,24 +170,57 @@ def force_batches(
     Yields ForceBatch with structures [B, N], forces [B, N, 3] eV/Å (0 on padding), weight [B].
     Trajectories without forces raise ValueError naming them.
     """
+    frames = _all_frames(trajs)
+    sizes = [trajs[k].num_atoms for k, _ in frames]
+    for bucket, idx in _bucketed_batches(sizes, batch_size, buckets, shuffle_key_or_seed, drop_remainder):
+        yield _force_batch(trajs, [frames[i] for i in idx], batch_size, bucket)
+
+
+def _all_frames(trajs: Sequence[Trajectory]) -> list[tuple[int, int]]:
+    """(trajectory index, frame index) of every frame; trajectories without forces raise."""
     frames = []
     for k, t in enumerate(trajs):
         if t.forces is None:
             raise ValueError(f"{t.where()}: no forces, cannot make force batches")
         frames.extend((k, f) for f in range(t.num_frames))
-    sizes = [trajs[k].num_atoms for k, _ in frames]
-    for bucket, idx in _bucketed_batches(sizes, batch_size, buckets, shuffle_key_or_seed, drop_remainder):
-        sel = [frames[i] for i in idx]
-        weight = np.zeros(batch_size, np.float32)
-        weight[: len(sel)] = 1.0
-        yield structures.ForceBatch(
-            structures=_structures_np(
-                [trajs[k].species for k, _ in sel],
-                [trajs[k].positions[f] for k, f in sel],
-                [trajs[k].cells[f] if trajs[k].cells is not None else trajs[k].cell for k, f in sel],
-                batch_size,
-                bucket,
-            ),
-            forces=jnp.asarray(_pad_atoms([trajs[k].forces[f] for k, f in sel], batch_size, bucket)),
-            weight=jnp.asarray(weight),
-        )
+    return frames
+
+
+def _force_batch(trajs: Sequence[Trajectory], sel: Sequence[tuple[int, int]], batch_size: int, bucket: int):
+    weight = np.zeros(batch_size, np.float32)
+    weight[: len(sel)] = 1.0
+    return structures.ForceBatch(
+        structures=_structures_np(
+            [trajs[k].species for k, _ in sel],
+            [trajs[k].positions[f] for k, f in sel],
+            [trajs[k].cells[f] if trajs[k].cells is not None else trajs[k].cell for k, f in sel],
+            batch_size,
+            bucket,
+        ),
+        forces=jnp.asarray(_pad_atoms([trajs[k].forces[f] for k, f in sel], batch_size, bucket)),
+        weight=jnp.asarray(weight),
+    )
+
+
+class FrameSampler:
+    """Random force batches of reference frames for the force term of multi-task BPTT.
+
+    ``sampler(step)`` is a pure function of ``(seed, step)``: ``batch_size`` frames drawn
+    uniformly (with replacement) from every frame of ``trajs``, padded to the bucket of the
+    largest, so a resumed run sees the same force batches as an uninterrupted one.
+    """
+
+    def __init__(self, trajs: Sequence[Trajectory], batch_size: int, *, seed: int = 0,
+                 buckets: Sequence[int] = DEFAULT_BUCKETS):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self._trajs, self._batch_size, self._seed, self._buckets = list(trajs), batch_size, int(seed), buckets
+        self._frames = _all_frames(self._trajs)
+        if not self._frames:
+            raise ValueError("FrameSampler: no frames to sample")
+
+    def __call__(self, step: int) -> structures.ForceBatch:
+        rng = np.random.default_rng([self._seed, int(step)])
+        sel = [self._frames[i] for i in rng.integers(0, len(self._frames), self._batch_size)]
+        bucket = bucket_atoms(max(self._trajs[k].num_atoms for k, _ in sel), self._buckets)
+        return _force_batch(self._trajs, sel, self._batch_size, bucket)
