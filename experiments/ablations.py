@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from absl import app, flags
@@ -83,18 +80,10 @@ def main(argv):
     rows = []
     for name in expand(FLAGS.variants):
         run = root / name
-        if not (run / "results.json").exists():
-            cmd = [sys.executable, "-m", "experiments.finetune", *flagfile, f"--pretrained={FLAGS.pretrained}",
-                   f"--workdir={run}", "--overwrite", "--fire=false", *shlex.split(FLAGS.extra), *VARIANTS[name]]
-            common.info(f"variant {name}: {' '.join(cmd[2:])}")
-            t0 = time.time()
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            (root / f"{name}.log").write_text(proc.stdout + proc.stderr)
-            if proc.returncode != 0:
-                common.info(f"variant {name} FAILED (exit {proc.returncode}); see {root / (name + '.log')}")
-                rows.append({"variant": name, "status": f"failed ({proc.returncode})"})
-                continue
-            common.info(f"variant {name} done in {time.time() - t0:.0f} s")
+        args = [*flagfile, f"--pretrained={FLAGS.pretrained}", "--fire=false", *shlex.split(FLAGS.extra), *VARIANTS[name]]
+        if not common.run_finetune(run, args, root / f"{name}.log"):
+            rows.append({"variant": name, "status": "failed"})
+            continue
         res = json.loads((run / "results.json").read_text())
         pre, bptt = res["relaxation"][-2], res["relaxation"][-1]
         rows.append({

@@ -364,3 +364,23 @@ def save_model(path: Path, params, normalizer, cfg: model.AdaptConfig, step_cfg:
 
 def command_line() -> str:
     return " ".join([Path(sys.executable).name] + sys.argv)
+
+
+def run_finetune(run_dir: Path, args: list[str], log_path: Path) -> bool:
+    """Run ``experiments.finetune`` with ``args`` into ``run_dir`` as a subprocess (its output
+    goes to ``log_path``), unless ``run_dir`` already holds results.json. True on success."""
+    import subprocess
+
+    if (run_dir / "results.json").exists():
+        return True
+    cmd = [sys.executable, "-m", "experiments.finetune", *args, f"--workdir={run_dir}", "--overwrite"]
+    info(f"run {run_dir}: {' '.join(cmd[3:])}")
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        info(f"run {run_dir} FAILED (exit {proc.returncode}); see {log_path}")
+        return False
+    info(f"run {run_dir} done in {time.time() - t0:.0f} s")
+    return True

@@ -58,3 +58,19 @@ def test_pretrain_finetune_and_ablation_scripts_end_to_end(tmp_path):
     assert abl.returncode == 0, abl.stderr[-4000:]
     rows = json.loads((tmp_path / "abl" / "ablations.json").read_text())
     assert rows[0]["variant"] == "no_bptt" and abs(rows[0]["ratio"] - 1.0) < 1e-6
+
+
+def test_crossval_script_folds_and_variants(tmp_path):
+    flags = ["--max_trajectories=9", "--num_val=2", *MODEL_FLAGS, *PRETRAIN_FLAGS, *RUN_FLAGS]
+    proc = run("crossval", f"--cv_dir={tmp_path / 'cv'}", "--cv_folds=3", "--variants=plain,force_augment",
+               f"--extra={' '.join(flags)}")
+    assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
+    out = json.loads((tmp_path / "cv" / "crossval.json").read_text())
+    assert [r["variant"] for r in out["summary"]] == ["plain", "force_augment"]
+    assert all(r["folds"] == 3 and r["num_test_total"] == 9 for r in out["summary"])  # every trajectory tested once
+    for k in range(3):
+        res = json.loads((tmp_path / "cv" / f"fold{k}" / "plain" / "results.json").read_text())
+        assert res["split"] == {"test": 3, "val": 2, "train": 4}
+        assert res["best_grid_step"] == json.loads((tmp_path / "cv" / f"fold{k}" / "base" / "results.json")
+                                                   .read_text())["best_grid_step"]
+    assert "± " in (tmp_path / "cv" / "crossval.md").read_text()
