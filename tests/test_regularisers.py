@@ -188,10 +188,13 @@ def test_frame_sampler_is_a_pure_function_of_seed_and_step(morse_trajs):
     assert a(0).forces.shape == (4, 32, 3)
 
 
-def test_force_term_in_the_loop_is_logged_and_resume_identity_includes_it(morse_trajs):
+def test_force_term_in_the_loop_is_logged_and_resume_identity_includes_it(morse_trajs, tmp_path):
     cfg = train.BPTTConfig(step=FIXED, rollout=ROLL, force_weight=1.0)
-    _, _, _, steps = _finetune(morse_trajs, [], epochs=1, config=cfg, force_batch_size=3)
-    assert all("force_mse" in m and np.isfinite(m["force_mse"]) for m in steps)
+    _, _, _, steps = _finetune(morse_trajs, [], epochs=1, config=cfg, force_batch_size=3, checkpoint_dir=tmp_path)
+    assert len(steps) == 2 and all("force_mse" in m and np.isfinite(m["force_mse"]) for m in steps)
+    # a resumed run must draw the same force batches: another force batch size is refused
+    with pytest.raises(ValueError, match="force_batch_size=3"):
+        _finetune(morse_trajs, [], epochs=2, config=cfg, force_batch_size=4, checkpoint_dir=tmp_path, resume=True)
 
 
 def test_patience_stops_early_and_keeps_the_best(morse_trajs):
