@@ -58,6 +58,10 @@ class StepConfig:
         (needs a key; 0 = off).
       max_displacement: cap (Å) on each atom's displacement per frame (0 = no cap).
       head_d_model, head_num_heads, head_num_layers: size of the neural step head.
+      head_max_scale: 0 = the head's output is its linear last layer (unbounded, as in appendix
+        A); ``c > 1`` = ``eta = c * init_step * sigmoid(s)``, bounded to ``(0, c * init_step)``
+        and still starting at ``init_step``. The unbounded head learned steps past the
+        stability cliff in our ablation (docs/results.md).
     """
 
     kind: str = "fixed"
@@ -69,10 +73,13 @@ class StepConfig:
     head_d_model: int = 32
     head_num_heads: int = 2
     head_num_layers: int = 1
+    head_max_scale: float = 0.0
 
     def __post_init__(self):
         if self.kind not in STEP_KINDS:
             raise ValueError(f"StepConfig.kind must be one of {STEP_KINDS}, got {self.kind!r}")
+        if self.head_max_scale and self.head_max_scale <= 1.0:
+            raise ValueError(f"StepConfig.head_max_scale must be 0 (unbounded) or > 1, got {self.head_max_scale}")
         if self.noise_std < 0 or self.max_displacement < 0 or self.momentum < 0 or self.anneal <= 0:
             raise ValueError(f"invalid StepConfig values: {self}")
 
@@ -157,6 +164,7 @@ class NeuralStepHead(nn.Module):
     num_heads: int
     num_layers: int
     init_step: float
+    max_scale: float = 0.0
 
     @nn.compact
     def __call__(self, z: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
@@ -171,15 +179,17 @@ class NeuralStepHead(nn.Module):
         )
         h0 = nn.LayerNorm(name="norm0")(q + cross)
         h1 = nn.LayerNorm(name="norm1")(h0 + nn.Dense(d, name="mlp_out")(nn.relu(nn.Dense(2 * d, name="mlp_in")(h0))))
-        s = nn.Dense(1, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.constant(self.init_step), name="out")(
-            h1
-        )
-        return s[:, 0, 0]
+        # zero kernel: the first output is the bias, chosen so that eta starts at init_step
+        bias = self.init_step if not self.max_scale else -math.log(self.max_scale - 1.0)  # sigmoid(b) = 1/c
+        s = nn.Dense(1, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.constant(bias), name="out")(h1)
+        s = s[:, 0, 0]
+        return s if not self.max_scale else self.max_scale * self.init_step * jax.nn.sigmoid(s)
 
 
 def _head(step_config: StepConfig) -> NeuralStepHead:
     return NeuralStepHead(
-        step_config.head_d_model, step_config.head_num_heads, step_config.head_num_layers, step_config.init_step
+        step_config.head_d_model, step_config.head_num_heads, step_config.head_num_layers, step_config.init_step,
+        step_config.head_max_scale,
     )
 
 

@@ -31,6 +31,7 @@ VARIANTS: dict[str, list[str]] = {
     "fixed": ["--step_kind=fixed"],  # table 1 / 3 BPTT row
     "learnable": ["--step_kind=learnable"],  # table 1
     "neural": ["--step_kind=neural"],  # table 1, appendix A
+    "neural_bounded": ["--step_kind=neural", "--head_max_scale=1.5"],  # the head bounded to (0, 1.5 x grid step)
     "no_bptt": ["--bptt_epochs=0"],
     "momentum_no_bptt": ["--bptt_epochs=0", "--momentum=0.05"],  # table 4
     "anneal_no_bptt": ["--bptt_epochs=0", "--anneal=0.99"],

@@ -35,6 +35,8 @@ flags.DEFINE_bool("grid_on_test", True, "Also report test Dq at every grid step 
 flags.DEFINE_enum("step_kind", "fixed", ["fixed", "learnable", "neural"], "BPTT step-size rule.")
 flags.DEFINE_float("init_step", 0.0, "Initial step size for BPTT; 0 = the best grid step (chosen on training data).")
 flags.DEFINE_float("init_step_scale", 1.0, "Multiply the initial BPTT step by this (figure 3a: learnable step from far-off starts).")
+flags.DEFINE_float("head_max_scale", 0.0, "Neural step head: 0 = unbounded linear output (appendix A); c > 1 = step "
+                   "bounded to (0, c x the initial step) through a sigmoid.")
 flags.DEFINE_float("momentum", 0.0, "Heavy-ball momentum weight of the frame rule (paper ablation: 0.05).")
 flags.DEFINE_float("anneal", 1.0, "Multiplicative step annealing per frame (paper ablation: 0.99).")
 flags.DEFINE_float("noise_std", 0.0, "Exploration noise on each frame's update (Å).")
@@ -103,6 +105,8 @@ def flag_problems(v: dict) -> list[str]:
     for name in ("bptt_lr", "step_lr", "pretrain_lr"):
         need(v[name] >= 0, f"--{name}={v[name]} is a negative learning rate")
     need(v["init_step_scale"] > 0, f"--init_step_scale={v['init_step_scale']} must be > 0")
+    need(v["head_max_scale"] == 0 or v["head_max_scale"] > 1,
+         f"--head_max_scale={v['head_max_scale']} must be 0 (unbounded) or > 1")
     need(v["init_step"] >= 0, f"--init_step={v['init_step']} must be >= 0 (0 = best grid step)")
     if v["random_stopping"]:
         need(v["max_frames"] >= 50,
@@ -271,7 +275,7 @@ def main(argv):
     t0 = time.time()
     step_cfg = relax.StepConfig(
         kind=FLAGS.step_kind, init_step=(FLAGS.init_step or best_step) * FLAGS.init_step_scale, momentum=FLAGS.momentum, anneal=FLAGS.anneal,
-        noise_std=FLAGS.noise_std, max_displacement=FLAGS.max_displacement,
+        noise_std=FLAGS.noise_std, max_displacement=FLAGS.max_displacement, head_max_scale=FLAGS.head_max_scale,
     )
     start_model = model.init_params(cfg, jax.random.PRNGKey(FLAGS.seed + 1)) if FLAGS.random_init else model_params
     params = {"model": start_model, "step": relax.init_step_params(step_cfg, jax.random.PRNGKey(FLAGS.seed + 2))}

@@ -264,6 +264,23 @@ def test_neural_step_head_starts_at_init_step_and_is_trainable(tiny_adapt):
     assert float(optax.global_norm(g)) > 0
 
 
+def test_bounded_neural_step_head_starts_at_init_step_and_stays_below_its_cap(tiny_adapt):
+    cfg, params, norm = tiny_adapt
+    sc = relax.StepConfig(kind="neural", init_step=0.05, head_max_scale=1.5)
+    sp = relax.init_step_params(sc, jax.random.PRNGKey(3))
+    ssf = relax.make_step_size_fn(sc, norm)
+    s = si_batch((5, 7))
+    f = potentials.morse_force_fn(potentials.init_morse_params(), s)
+    np.testing.assert_allclose(np.asarray(ssf(sp, s, f)), 0.05, rtol=1e-5)
+    # push the last layer's bias far up: the step saturates just below 1.5 x 0.05, never above
+    big = jax.tree_util.tree_map(lambda x: x, sp)
+    big["head"]["out"]["bias"] = big["head"]["out"]["bias"] + 50.0
+    eta = np.asarray(ssf(big, s, f))
+    assert np.all(eta <= 0.075 + 1e-7) and np.all(eta > 0.074)
+    with pytest.raises(ValueError, match="head_max_scale"):
+        relax.StepConfig(kind="neural", head_max_scale=0.5)
+
+
 # ----------------------------------------------------------------------------- optimiser and training
 
 
