@@ -205,3 +205,20 @@ def test_patience_stops_early_and_keeps_the_best(morse_trajs):
     assert loops._best_val_epoch(history) == 0
     for k in best["model"]:
         assert float(best["model"][k]) == float(params()["model"][k])
+
+
+# ----------------------------------------------------------------------------- weight decay, proximal pull
+
+
+def test_weight_decay_shrinks_and_proximal_pulls_back_with_zero_loss_gradient():
+    start = {"model": {"w": jnp.array([2.0, -1.0])}, "step": {}}
+    zero = {"model": {"w": jnp.zeros(2)}, "step": {}}
+    tx = bm.make_optimizer(bm.OptimConfig(learning_rate=0.1, weight_decay=0.5, clip_norm=0.0))
+    upd, _ = tx.update(zero, tx.init(start), start)
+    # decoupled (AdamW): w <- w - lr * wd * w when the loss gradient is zero
+    np.testing.assert_allclose(upd["model"]["w"], -0.1 * 0.5 * np.array([2.0, -1.0]), rtol=1e-6)
+    tx = bm.make_optimizer(bm.OptimConfig(learning_rate=0.1, proximal_weight=1.0, clip_norm=0.0))
+    state = tx.init(start)  # the anchor: the weights at init (the pretrained model)
+    moved = {"model": {"w": jnp.array([3.0, -1.0])}, "step": {}}
+    upd, _ = tx.update(zero, state, moved)
+    assert float(upd["model"]["w"][0]) < 0 and float(upd["model"]["w"][1]) == 0.0  # back toward 2.0, -1.0 untouched
