@@ -64,12 +64,16 @@ def pretrain(
     seed: int = 0,
     buckets: Sequence[int] = batching.DEFAULT_BUCKETS,
     log: LogFn = _no_log,
+    augment_rotation: bool = False,
+    augment_translation: float = 0.0,
 ) -> tuple[Params, list[dict]]:
     """Supervised force pretraining on every frame; returns the parameters with the best
-    validation force RMSE (or the last, without validation data) and per-epoch history."""
+    validation force RMSE (or the last, without validation data) and per-epoch history.
+    ``augment_*``: random rigid motions of the training frames (validation is not augmented)."""
     tx = optim.make_optimizer(optim_config)
     state = train.create_train_state({"model": model_params, "step": {}}, tx, jax.random.PRNGKey(seed))
-    step = train.make_pretrain_step(train_force_fn, tx)
+    step = train.make_pretrain_step(train_force_fn, tx, augment_rotation=augment_rotation,
+                                    augment_translation=augment_translation)
     history, best, best_rmse = [], model_params, math.inf
     total = progress.count_batches([t.num_atoms for t in train_trajs for _ in range(t.num_frames)], batch_size, buckets)
     for epoch in range(epochs):

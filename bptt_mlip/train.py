@@ -206,16 +206,26 @@ def force_loss(
 
 
 def make_pretrain_step(
-    force_fn: TrainForceFn, optimizer: optax.GradientTransformation, *, jit: bool = True
+    force_fn: TrainForceFn,
+    optimizer: optax.GradientTransformation,
+    *,
+    jit: bool = True,
+    augment_rotation: bool = False,
+    augment_translation: float = 0.0,
 ) -> Callable[[TrainState, ForceBatch], tuple[TrainState, dict[str, jnp.ndarray]]]:
     """Build ``pretrain_step(state, batch) -> (state, metrics)``: supervised force matching.
 
     ``force_fn(model_params, structures, key)`` may use ``key`` for dropout; only
-    ``state.params["model"]`` is trained.
+    ``state.params["model"]`` is trained. ``augment_rotation`` / ``augment_translation`` (Å)
+    move every frame by a random rigid motion (forces rotated with it) before the loss, see
+    :mod:`bptt_mlip.augment`.
     """
 
     def pretrain_step(state: TrainState, batch: ForceBatch):
         key, sub = jax.random.split(state.key)
+        if augment_rotation or augment_translation:
+            batch = augment.augment_force_batch(batch, jax.random.fold_in(sub, 2), rotate=augment_rotation,
+                                                max_translation=augment_translation)
 
         def loss_fn(params):
             return force_loss(params["model"], batch, force_fn, sub)

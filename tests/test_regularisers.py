@@ -222,3 +222,17 @@ def test_weight_decay_shrinks_and_proximal_pulls_back_with_zero_loss_gradient():
     moved = {"model": {"w": jnp.array([3.0, -1.0])}, "step": {}}
     upd, _ = tx.update(zero, state, moved)
     assert float(upd["model"]["w"][0]) < 0 and float(upd["model"]["w"][1]) == 0.0  # back toward 2.0, -1.0 untouched
+
+
+def test_pretrain_augmentation_leaves_an_equivariant_model_loss_unchanged():
+    _, fb = morse_task()
+    p = params()
+    tx = bm.make_optimizer(bm.OptimConfig(learning_rate=1e-3, freeze_step=True))
+    losses_ = []
+    for aug in (False, True):
+        step = train.make_pretrain_step(train.deterministic(potentials.morse_force_fn), tx, augment_rotation=aug,
+                                        augment_translation=2.0 if aug else 0.0)
+        _, m = step(bm.create_train_state(p, tx, jax.random.PRNGKey(0)), fb)
+        losses_.append(float(m["loss"]))
+    assert losses_[0] > 0
+    np.testing.assert_allclose(losses_[1], losses_[0], rtol=1e-4)
