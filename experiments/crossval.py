@@ -35,6 +35,8 @@ flags.DEFINE_string("base_flagfile", "", "Flagfile of experiments.finetune share
 flags.DEFINE_string("cv_dir", "runs/crossval", "Folder holding fold<k>/<variant>/ run directories.")
 flags.DEFINE_list("variants", ["plain", "force"], "Variants to compare (see VARIANTS).")
 flags.DEFINE_string("extra", "", "Extra flags for every run, space-separated, e.g. --extra='--bptt_epochs=3'.")
+flags.DEFINE_list("only_folds", [], "Run only these fold indices (default: all); the summary covers the folds run, "
+                  "e.g. to split a study over machines or to explore one setting on one fold first.")
 flags.DEFINE_string("base_extra", "", "Extra flags for the per-fold pretraining/grid run only (e.g. a narrower "
                     "--grid_steps).")
 
@@ -97,9 +99,12 @@ def main(argv):
     flagfile = [f"--flagfile={FLAGS.base_flagfile}"] if FLAGS.base_flagfile else []
     shared = [*flagfile, f"--cv_folds={FLAGS.cv_folds}", f"--cv_seed={FLAGS.cv_seed}", "--fire=false",
               "--grid_on_test=false", *shlex.split(FLAGS.extra)]
+    folds = [int(k) for k in FLAGS.only_folds] if FLAGS.only_folds else list(range(FLAGS.cv_folds))
+    if any(not 0 <= k < FLAGS.cv_folds for k in folds):
+        raise app.UsageError(f"--only_folds={FLAGS.only_folds}: fold indices must be in 0..{FLAGS.cv_folds - 1}")
     per_variant: dict[str, list[dict]] = {v: [] for v in FLAGS.variants}
     failed = []
-    for k in range(FLAGS.cv_folds):
+    for k in folds:
         fold = root / f"fold{k}"
         base_dir = fold / "base"
         if not common.run_finetune(base_dir, [*shared, f"--cv_fold={k}", "--bptt_epochs=0",
@@ -120,7 +125,7 @@ def main(argv):
                         f"{row['force_ratio']:.3f}, converged {row['converged']}/{row['num_test']}")
     summary = [{"variant": v, "flags": " ".join(VARIANTS[v]), **summarize_folds(rows)}
                for v, rows in per_variant.items() if rows]
-    common.write_json(root / "crossval.json", {"command": common.command_line(), "folds": FLAGS.cv_folds,
+    common.write_json(root / "crossval.json", {"command": common.command_line(), "folds": FLAGS.cv_folds, "folds_run": folds,
                                                "per_fold": per_variant, "summary": summary, "failed": failed})
     table = ["| variant | flags | folds | test Dq | Dq ratio | force RMSE (eV/Å) | force ratio | converged | wall s/run |",
              "|---|---|---|---|---|---|---|---|---|"]
