@@ -47,6 +47,7 @@ VARIANTS: dict[str, list[str]] = {
     "force_1": ["--force_weight=1"],
     "proximal": ["--proximal_weight=1e-2"],
     "proximal_1e-1": ["--proximal_weight=1e-1"],
+    "proximal_1": ["--proximal_weight=1"],
     "augment": ["--augment_rotation", "--augment_translation=2.0"],
     "starts": ["--start_stride=10"],  # start also from every 10th stored frame
     "weight_decay": ["--weight_decay=1e-2"],
