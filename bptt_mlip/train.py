@@ -146,7 +146,7 @@ def bptt_loss(
         "diverged": jnp.sum(result.diverged & real),
     }
     if force_batch is not None:
-        force_mse, _ = force_loss(params["model"], force_batch, lambda p, st, k: force_fn(p, st), key)
+        force_mse, _ = force_loss(params["model"], force_batch, deterministic(force_fn), key)
         aux["force_mse"] = force_mse
         if config.force_weight:
             loss = loss + config.force_weight * force_mse
