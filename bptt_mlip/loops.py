@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bptt_mlip import evaluate, losses, optim, progress, relax, search, train
+from bptt_mlip import evaluate, losses, optim, parallel, progress, relax, search, train
 from bptt_mlip.data import batching
 from bptt_mlip.data.trajectory import Trajectory
 from bptt_mlip.model import AdaptConfig, ForceFn, Normalizer, fit_normalizer
@@ -66,14 +66,23 @@ def pretrain(
     log: LogFn = _no_log,
     augment_rotation: bool = False,
     augment_translation: float = 0.0,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[Params, list[dict]]:
     """Supervised force pretraining on every frame; returns the parameters with the best
     validation force RMSE (or the last, without validation data) and per-epoch history.
-    ``augment_*``: random rigid motions of the training frames (validation is not augmented)."""
+    ``augment_*``: random rigid motions of the training frames (validation is not augmented).
+    ``mesh``: data-parallel over its devices (:mod:`bptt_mlip.parallel`; ``batch_size`` must be
+    divisible by the device count); the returned parameters are host (numpy) arrays then."""
     tx = optim.make_optimizer(optim_config)
     state = train.create_train_state({"model": model_params, "step": {}}, tx, jax.random.PRNGKey(seed))
-    step = train.make_pretrain_step(train_force_fn, tx, augment_rotation=augment_rotation,
-                                    augment_translation=augment_translation)
+    kwargs = dict(augment_rotation=augment_rotation, augment_translation=augment_translation)
+    if mesh is None:
+        step = train.make_pretrain_step(train_force_fn, tx, **kwargs)
+    else:
+        parallel.check_batch_size(batch_size, mesh)
+        step = parallel.make_sharded_pretrain_step(train_force_fn, tx, mesh, **kwargs)
+        state = parallel.replicate_global(state, mesh)
+    host = parallel.fetch if mesh is not None else (lambda tree: tree)
     history, best, best_rmse = [], model_params, math.inf
     total = progress.count_batches([t.num_atoms for t in train_trajs for _ in range(t.num_frames)], batch_size, buckets)
     for epoch in range(epochs):
@@ -91,12 +100,13 @@ def pretrain(
         bar.close()
         row = {"epoch": epoch + 1, **{f"train_{k}": v / max(n, 1) for k, v in sums.items()}}
         if val_trajs:
-            ev = evaluate.evaluate_forces(force_fn, state.params["model"], batching.force_batches(val_trajs, batch_size, buckets=buckets))
+            current = host(state.params["model"])
+            ev = evaluate.evaluate_forces(force_fn, current, batching.force_batches(val_trajs, batch_size, buckets=buckets))
             row.update({f"val_{k}": v for k, v in ev.items()})
             if ev["force_rmse"] < best_rmse:
-                best_rmse, best = ev["force_rmse"], state.params["model"]
+                best_rmse, best = ev["force_rmse"], current
         else:
-            best = state.params["model"]
+            best = host(state.params["model"])
         row["epoch_s"] = time.perf_counter() - t0
         history.append(row)
         log("pretrain", epoch + 1, row)
@@ -168,6 +178,7 @@ def bptt_finetune(
     start_stride: int = 0,
     force_batch_size: int = 32,
     patience: int = 0,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[Params, list[dict], train.TrainState]:
     """BPTT fine-tuning; validation Dq after each epoch; returns (best-validation params,
     history, final state). Without validation data the last parameters are returned.
@@ -178,6 +189,12 @@ def bptt_finetune(
     frames drawn per step from the training trajectories (``batching.FrameSampler``, a pure
     function of seed and step); ``patience > 0`` stops early once the validation Dq has not
     improved for that many validations (the best-validation parameters are returned).
+
+    Data parallel (``mesh`` given, see :mod:`bptt_mlip.parallel`): every batch (and force
+    batch) is split over the mesh's devices, the state is replicated, validation and
+    checkpoints use host copies, and the results equal the single-device run up to float32
+    summation order. ``batch_size`` (and ``force_batch_size``) must be divisible by the device
+    count. Multi-host: every process runs this with the same data and seed.
 
     Non-finite gradients skip the update and are counted (per step ``skipped`` in the log, per
     epoch ``skipped_steps`` and the running ``nonfinite_total`` in the history); more than
@@ -217,7 +234,15 @@ def bptt_finetune(
         item_sizes = [t.num_atoms for t in train_trajs]
     tx = optim.make_optimizer(optim_config)
     state = train.create_train_state(params, tx, jax.random.PRNGKey(seed))
-    step = train.make_bptt_step(force_fn, step_size_fn, bptt_config, tx)
+    if mesh is None:
+        step = train.make_bptt_step(force_fn, step_size_fn, bptt_config, tx)
+        host = lambda tree: tree  # noqa: E731
+    else:
+        parallel.check_batch_size(batch_size, mesh)
+        if sampler is not None:
+            parallel.check_batch_size(force_batch_size, mesh)
+        step = parallel.make_sharded_bptt_step(force_fn, step_size_fn, bptt_config, tx, mesh)
+        host = parallel.fetch
     rollout_eval = dataclasses.replace(bptt_config.rollout, remat="none", return_trajectory=False)
     history: list[dict] = []
     best, best_val = params, math.inf
@@ -227,7 +252,7 @@ def bptt_finetune(
 
     def validate(p):
         per = evaluate.evaluate_relaxations(
-            force_fn, step_size_fn, p, batching.relaxation_batches(val_trajs, batch_size, buckets=buckets),
+            force_fn, step_size_fn, host(p), batching.relaxation_batches(val_trajs, batch_size, buckets=buckets),
             bptt_config.step, rollout_eval,
         )
         return evaluate.summarize(per)
@@ -240,7 +265,7 @@ def bptt_finetune(
             "epoch_sums": {k: _float_str(v) for k, v in sums.items()}, "epoch_n": n,
             "best_val": _float_str(best_val), "history_json": json.dumps(history),
         }
-        ckpt.save_training_checkpoint(checkpoint_dir, global_step, state, {"best": best}, meta,
+        ckpt.save_training_checkpoint(checkpoint_dir, global_step, host(state), {"best": best}, meta,
                                       max_to_keep=max_checkpoints)
 
     start_epoch, skip, global_step, sums, n = 0, 0, 0, {}, 0
@@ -264,11 +289,13 @@ def bptt_finetune(
         sums, n = {k: float(v) for k, v in meta["epoch_sums"].items()}, int(meta["epoch_n"])
         report(f"resuming BPTT from checkpoint step {ck_step}: epoch {start_epoch + 1} of {epochs}, "
                f"{skip} batches of it done")
-    elif val_trajs:
+    if restored is None and val_trajs:
         v0 = validate(params)
         best_val = v0["mean_dq"]
         history.append({"epoch": 0, **{f"val_{k}": v for k, v in v0.items()}})
         log("bptt", 0, history[-1])
+    if mesh is not None:
+        state = parallel.replicate_global(state, mesh)
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
         if epoch != start_epoch:
@@ -309,23 +336,23 @@ def bptt_finetune(
             v = validate(state.params)
             row.update({f"val_{k}": x for k, x in v.items()})
             if np.isfinite(v["mean_dq"]) and v["mean_dq"] < best_val:
-                best_val, best = v["mean_dq"], state.params
+                best_val, best = v["mean_dq"], host(state.params)
         elif not val_trajs:
-            best = state.params
+            best = host(state.params)
         row["epoch_s"] = time.perf_counter() - t0
         history.append(row)
         log("bptt", epoch + 1, row)
         if not float(optim.nonfinite_counts(state.opt_state)["nonfinite_consecutive"]):
             save(global_step, epoch + 1, 0, {}, 0)
         if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, state, row)
+            on_epoch_end(epoch + 1, host(state), row)
         if patience and val_trajs:
             since = epoch + 1 - _best_val_epoch(history)
             if since >= patience:
                 report(f"early stopping after epoch {epoch + 1}: validation Dq has not improved for {since} "
                        f"epochs (best {best_val:.4g}, patience {patience})")
                 break
-    return best, history, state
+    return best, history, host(state)
 
 
 def _best_val_epoch(history: Sequence[dict]) -> int:

@@ -34,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bptt_mlip import relax, train
 from bptt_mlip.model import ForceFn
-from bptt_mlip.structures import RelaxationBatch
+from bptt_mlip.structures import ForceBatch
 
 BATCH_AXIS = "batch"
 
@@ -93,18 +93,22 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
         )
 
 
-def shard_batch(batch: RelaxationBatch, mesh: Mesh, *, local: bool = False) -> RelaxationBatch:
-    """Shard every leaf of a batch along its leading axis over the mesh.
+def _leading_size(tree: Any) -> int:
+    sizes = {int(x.shape[0]) for x in jax.tree_util.tree_leaves(tree)}
+    if len(sizes) != 1:
+        raise ValueError(f"batch leaves have different leading sizes {sorted(sizes)}")
+    return sizes.pop()
+
+
+def shard_batch(batch: Any, mesh: Mesh, *, local: bool = False) -> Any:
+    """Shard every leaf of a batch (``RelaxationBatch``, ``ForceBatch``, any pytree of arrays
+    with one shared leading axis) along its leading axis over the mesh.
 
     ``local=True`` (multi-host): ``batch`` is this process's slice of the global batch and the
     global array is assembled with ``jax.make_array_from_process_local_data``.
     """
     sharding = batch_sharding(mesh)
-    leaves = jax.tree_util.tree_leaves(batch)
-    sizes = {int(x.shape[0]) for x in leaves}
-    if len(sizes) != 1:
-        raise ValueError(f"batch leaves have different leading sizes {sorted(sizes)}")
-    size = sizes.pop()
+    size = _leading_size(batch)
     if local:
         check_batch_size(size * jax.process_count(), mesh)
         return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
@@ -112,20 +116,76 @@ def shard_batch(batch: RelaxationBatch, mesh: Mesh, *, local: bool = False) -> R
     return jax.device_put(batch, sharding)
 
 
-class ShardedStep:
-    """Callable ``(state, batch) -> (state, metrics)``; ``mesh`` and ``jitted`` are exposed."""
+def shard_global_batch(batch: Any, mesh: Mesh) -> Any:
+    """Shard a *global* batch that every process holds in full (e.g. built from the same data
+    with the same seed, as the experiment scripts do) along its leading axis.
 
-    def __init__(self, jitted: Callable, mesh: Mesh):
+    Each process copies only the rows of its own devices (``jax.make_array_from_callback``), so
+    the same call works on one host and on many; on one host it equals :func:`shard_batch`.
+    """
+    sharding = batch_sharding(mesh)
+    check_batch_size(_leading_size(batch), mesh)
+
+    def put(x):
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree_util.tree_map(put, batch)
+
+
+def replicate_global(tree: Any, mesh: Mesh) -> Any:
+    """Replicate a pytree that every process holds in full (e.g. the initial ``TrainState``) on
+    every device of a (possibly multi-host) mesh."""
+    sharding = replicated(mesh)
+
+    def put(x):
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree_util.tree_map(put, tree)
+
+
+def fetch(tree: Any) -> Any:
+    """Host (numpy) copy of a replicated pytree, e.g. parameters for evaluation or saving."""
+    return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)
+
+
+class ShardedStep:
+    """Callable ``(state, batch[, force_batch]) -> (state, metrics)`` that takes host or
+    device batches, shards them over ``mesh`` (every process passing the same global batch)
+    and runs the jitted step; ``mesh`` and ``jitted`` are exposed."""
+
+    def __init__(self, jitted: Callable, mesh: Mesh, jitted_with_forces: Callable | None = None):
         self.jitted = jitted
+        self.jitted_with_forces = jitted_with_forces
         self.mesh = mesh
 
-    def __call__(self, state: train.TrainState, batch: RelaxationBatch):
+    def _place(self, batch):
         leaves = jax.tree_util.tree_leaves(batch)
         check_batch_size(int(leaves[0].shape[0]), self.mesh)
-        return self.jitted(state, batch)
+        if all(isinstance(x, jax.Array) and x.sharding == batch_sharding(self.mesh) for x in leaves):
+            return batch
+        return shard_global_batch(batch, self.mesh)
 
-    def lower(self, state, batch):
-        return self.jitted.lower(state, batch)
+    def __call__(self, state: train.TrainState, batch: Any, force_batch: ForceBatch | None = None):
+        batch = self._place(batch)
+        if force_batch is None:
+            return self.jitted(state, batch)
+        if self.jitted_with_forces is None:
+            raise ValueError("this sharded step was built without a force batch (a pretraining step takes one batch)")
+        return self.jitted_with_forces(state, batch, self._place(force_batch))
+
+    def lower(self, state, batch, force_batch: ForceBatch | None = None):
+        if force_batch is None:
+            return self.jitted.lower(state, batch)
+        return self.jitted_with_forces.lower(state, batch, force_batch)
+
+
+def _one_d(mesh: Mesh | None) -> Mesh:
+    mesh = make_mesh() if mesh is None else mesh
+    if len(mesh.axis_names) != 1:
+        raise ValueError(f"data-parallel steps need a 1-D mesh, got axes {mesh.axis_names}")
+    return mesh
 
 
 def make_sharded_bptt_step(
@@ -135,17 +195,32 @@ def make_sharded_bptt_step(
     optimizer: optax.GradientTransformation,
     mesh: Mesh | None = None,
 ) -> ShardedStep:
-    """Data-parallel :func:`bptt_mlip.train.make_bptt_step`.
+    """Data-parallel :func:`bptt_mlip.train.make_bptt_step`: ``step(state, batch, force_batch=None)``.
 
-    The batch (every leaf, leading axis) is split over the 1-D ``mesh`` (default: all devices),
-    the state is replicated, and the returned metrics and new state are replicated. The batch
-    size must be divisible by the number of devices (ValueError otherwise); pad with weight-0
-    rows if needed. Loss and gradients are those of the whole batch, as on one device.
+    The batch (every leaf, leading axis) and, for the force term of
+    ``config.force_weight > 0``, the force batch are split over the 1-D ``mesh`` (default: all
+    devices); the state is replicated, and the returned metrics and new state are replicated.
+    Both batch sizes must be divisible by the number of devices (ValueError otherwise); pad with
+    weight-0 rows if needed. Loss and gradients are those of the whole batch, as on one device.
     """
-    mesh = make_mesh() if mesh is None else mesh
-    if len(mesh.axis_names) != 1:
-        raise ValueError(f"make_sharded_bptt_step needs a 1-D mesh, got axes {mesh.axis_names}")
+    mesh = _one_d(mesh)
     step = train.make_bptt_step(force_fn, step_size_fn, config, optimizer, jit=False)
     rep, shard = replicated(mesh), batch_sharding(mesh)
-    jitted = jax.jit(step, in_shardings=(rep, shard), out_shardings=(rep, rep))
-    return ShardedStep(jitted, mesh)
+    jitted = jax.jit(lambda state, batch: step(state, batch), in_shardings=(rep, shard), out_shardings=(rep, rep))
+    with_forces = jax.jit(step, in_shardings=(rep, shard, shard), out_shardings=(rep, rep))
+    return ShardedStep(jitted, mesh, with_forces)
+
+
+def make_sharded_pretrain_step(
+    force_fn: train.TrainForceFn,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh | None = None,
+    **pretrain_kwargs: Any,
+) -> ShardedStep:
+    """Data-parallel :func:`bptt_mlip.train.make_pretrain_step`: ``step(state, force_batch)``
+    with the force batch split over the devices and the state replicated (``pretrain_kwargs``,
+    e.g. ``augment_rotation``, are passed on)."""
+    mesh = _one_d(mesh)
+    step = train.make_pretrain_step(force_fn, optimizer, jit=False, **pretrain_kwargs)
+    rep, shard = replicated(mesh), batch_sharding(mesh)
+    return ShardedStep(jax.jit(step, in_shardings=(rep, shard), out_shardings=(rep, rep)), mesh)

@@ -58,6 +58,15 @@ flags.DEFINE_float("stop_rms", 1e-3, "Stop a structure when its RMS movement in 
 flags.DEFINE_enum("remat", "frame", ["none", "frame", "segment"], "Rematerialisation of the rollout in BPTT.")
 flags.DEFINE_integer("batch_size", 8, "Structures per BPTT / evaluation batch.")
 
+# ---- devices
+flags.DEFINE_bool("data_parallel", False, "Split every training batch over all devices (jax.sharding; parameters "
+                  "replicated). --batch_size, --pretrain_batch_size and --force_batch_size must be multiples of the "
+                  "device count.")
+flags.DEFINE_string("coordinator_address", "", "Multi-host: host:port of process 0 for jax.distributed.initialize "
+                    "(every process runs the same command with its own --process_id and --workdir).")
+flags.DEFINE_integer("num_processes", 1, "Multi-host: number of processes (> 1 calls jax.distributed.initialize).")
+flags.DEFINE_integer("process_id", 0, "Multi-host: this process's index in [0, --num_processes).")
+
 flags.DEFINE_string("workdir", "runs/default", "Run directory (config, checkpoints, metrics, tables, plots).")
 flags.DEFINE_bool("overwrite", False, "Allow writing into a non-empty existing run directory.")
 flags.DEFINE_integer("seed", 0, "Seed of every random choice in the run.")
@@ -82,7 +91,7 @@ def load_pretrained(path: str):
     return checkpoint.adapt_config_from_dict(meta["model_config"]), normalizer, saved["model"]
 
 
-def pretrain_model(train_set, val, log):
+def pretrain_model(train_set, val, log, mesh=None):
     """Load --pretrained, or pretrain a new model on ``train_set``: (config, normalizer, params, history)."""
     import jax
 
@@ -103,9 +112,41 @@ def pretrain_model(train_set, val, log):
         epochs=FLAGS.pretrain_epochs, batch_size=FLAGS.pretrain_batch_size,
         optim_config=optim.OptimConfig(learning_rate=FLAGS.pretrain_lr, clip_norm=1.0, freeze_step=True),
         seed=FLAGS.seed, log=log, augment_rotation=FLAGS.pretrain_augment_rotation,
-        augment_translation=FLAGS.pretrain_augment_translation,
+        augment_translation=FLAGS.pretrain_augment_translation, mesh=mesh,
     )
     return cfg, normalizer, params, history
+
+
+def setup_devices(batch_sizes: dict[str, int] | None = None):
+    """Join a multi-host job (--num_processes > 1) and return the data-parallel mesh
+    (--data_parallel) or None. Call it first in ``main``, before any other JAX work. Every
+    size in ``batch_sizes`` ({flag name: value}) must be divisible by the device count."""
+    from absl import app
+
+    from bptt_mlip import parallel
+
+    if FLAGS.num_processes > 1:
+        if not FLAGS.coordinator_address:
+            raise app.UsageError(f"--num_processes={FLAGS.num_processes} needs --coordinator_address=host:port")
+        if not 0 <= FLAGS.process_id < FLAGS.num_processes:
+            raise app.UsageError(f"--process_id={FLAGS.process_id} is not in [0, {FLAGS.num_processes})")
+        parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        if not FLAGS.data_parallel:
+            raise app.UsageError("--num_processes > 1 needs --data_parallel")
+    if not FLAGS.data_parallel:
+        return None
+    mesh = parallel.make_mesh()
+    n = mesh.devices.size
+    bad = [f"--{k}={v}" for k, v in (batch_sizes or {}).items() if v % n]
+    if bad:
+        raise app.UsageError(f"--data_parallel over {n} devices: {', '.join(bad)} not divisible by {n}")
+    info(f"data parallel over {n} devices ({jax_device_kinds(mesh)}), {FLAGS.num_processes} process(es)")
+    return mesh
+
+
+def jax_device_kinds(mesh) -> str:
+    kinds = sorted({d.device_kind for d in mesh.devices.flat})
+    return ", ".join(kinds)
 
 
 def info(message: str) -> None:

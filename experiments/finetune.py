@@ -184,6 +184,8 @@ def main(argv):
     t_start = time.time()
     common.quiet_libraries()
     check_flags()
+    mesh = common.setup_devices({"batch_size": FLAGS.batch_size, "pretrain_batch_size": FLAGS.pretrain_batch_size,
+                                 **({"force_batch_size": FLAGS.force_batch_size} if FLAGS.force_weight else {})})
     config = common.flag_values()
     try:
         workdir = common.prepare_workdir(FLAGS.workdir, FLAGS.overwrite, resume=FLAGS.resume)
@@ -215,7 +217,7 @@ def main(argv):
     else:
         if FLAGS.resume:
             common.info(f"resume: no pretrained checkpoint in {pre_dir}; pretraining again (deterministic)")
-        cfg, normalizer, model_params, pretrain_history = common.pretrain_model(train_set, val, log)
+        cfg, normalizer, model_params, pretrain_history = common.pretrain_model(train_set, val, log, mesh)
         common.save_model(pre_dir, {"model": model_params, "step": {}}, normalizer, cfg,
                           relax.StepConfig(), {"role": "pretrained", "history": pretrain_history})
     timings["pretrain_s"] = time.time() - t0
@@ -297,6 +299,7 @@ def main(argv):
             max_consecutive_bad_steps=FLAGS.max_consecutive_bad_steps, checkpoint_dir=ckpt_dir / "train_state",
             checkpoint_every=FLAGS.checkpoint_every, resume=FLAGS.resume, report=common.info,
             start_stride=FLAGS.start_stride, force_batch_size=FLAGS.force_batch_size, patience=FLAGS.patience,
+            mesh=mesh,
         )
     except RuntimeError as err:
         if len(err.args) < 2 or not str(err.args[0]).startswith("BPTT stopped"):

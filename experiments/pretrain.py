@@ -23,13 +23,14 @@ common.define_pretrain_flags()
 def main(argv):
     del argv
     common.quiet_libraries()
+    mesh = common.setup_devices({"pretrain_batch_size": FLAGS.pretrain_batch_size})
     workdir = common.prepare_workdir(FLAGS.workdir, FLAGS.overwrite)
     log = common.MetricsWriter(workdir / "metrics.jsonl")
     common.write_json(workdir / "config.json", {"command": common.command_line(), "flags": common.flag_values()})
     trajs, _ = common.load_trajectories(FLAGS.dataset)
     test, val, train_set = common.split(trajs)
     t0 = time.time()
-    cfg, normalizer, params, history = common.pretrain_model(train_set, val, log)
+    cfg, normalizer, params, history = common.pretrain_model(train_set, val, log, mesh)
     ff = model.make_force_fn(cfg, normalizer)
     test_forces = evaluate.evaluate_forces(ff, params, batching.force_batches(test, FLAGS.pretrain_batch_size))
     common.save_model(workdir / "checkpoints" / "pretrained", {"model": params, "step": {}}, normalizer, cfg,

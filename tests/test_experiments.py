@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,10 @@ PRETRAIN_FLAGS = ["--pretrain_epochs=1", "--pretrain_frame_stride=20", "--pretra
 RUN_FLAGS = ["--bptt_epochs=1", "--max_frames=4", "--grid_steps=0.01,0.04", "--fire_max_steps=5", "--batch_size=4"]
 
 
-def run(module: str, *flags: str) -> subprocess.CompletedProcess:
+def run(module: str, *flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", f"experiments.{module}", *flags]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def test_make_dataset_script(tmp_path):
@@ -74,3 +76,19 @@ def test_crossval_script_folds_and_variants(tmp_path):
         assert res["best_grid_step"] == json.loads((tmp_path / "cv" / f"fold{k}" / "base" / "results.json")
                                                    .read_text())["best_grid_step"]
     assert "± " in (tmp_path / "cv" / "crossval.md").read_text()
+
+
+def test_finetune_data_parallel_over_four_host_devices(tmp_path):
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    flags = [*DATA_FLAGS, *MODEL_FLAGS, *PRETRAIN_FLAGS, *RUN_FLAGS, "--data_parallel", "--force_weight=1",
+             "--force_batch_size=4"]
+    bad = run("finetune", f"--workdir={tmp_path / 'bad'}", *flags, "--batch_size=6", env=env)
+    assert bad.returncode != 0 and "--batch_size=6 not divisible by 4" in bad.stderr, bad.stderr[-2000:]
+    assert not (tmp_path / "bad").exists()  # refused before any work
+    proc = run("finetune", f"--workdir={tmp_path / 'run'}", *flags, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "data parallel over 4 devices" in proc.stdout
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert len(results["per_structure_test_dq"]["bptt"]) == 3
+    steps = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(m["phase"] == "bptt_step" and m["force_mse"] > 0 for m in steps)

@@ -214,3 +214,77 @@ def test_sharded_bptt_step_equals_single_device_on_four_host_devices():
     out = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], capture_output=True, text=True, env=env, cwd=REPO,
                          timeout=300)
     assert out.returncode == 0 and "SHARDED_OK" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
+
+
+_SHARDED_TRAINING_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    sys.path.insert(0, "tests")
+    import jax, jax.numpy as jnp, numpy as np
+    import bptt_mlip as bm
+    from bptt_mlip import loops, parallel, potentials, relax, train
+    from test_regularisers import FIXED, ROLL, _morse_traj, morse_task, params
+
+    assert jax.device_count() == 4, jax.devices()
+    mesh = parallel.make_mesh()
+    ff, ssf = potentials.morse_force_fn, relax.make_step_size_fn(FIXED)
+
+    def close(a, b, rtol=2e-5, atol=1e-6):
+        jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol), a, b)
+
+    # 1. the multi-task BPTT step (Dq + force term) and the pretraining step, sharded == single device
+    rb, fb = morse_task(sizes=(5, 7, 6, 8), max_atoms=8)
+    cfg = train.BPTTConfig(step=FIXED, rollout=ROLL, force_weight=0.5)
+    tx = bm.make_optimizer(bm.OptimConfig(learning_rate=1e-3, freeze_step=True))
+    s0 = train.create_train_state(params(), tx, jax.random.PRNGKey(1))
+    s1, m1 = train.make_bptt_step(ff, ssf, cfg, tx)(s0, rb, fb)
+    sharded = parallel.make_sharded_bptt_step(ff, ssf, cfg, tx, mesh)
+    s4, m4 = sharded(parallel.replicate(s0, mesh), rb, fb)
+    assert float(m1["force_mse"]) > 0
+    close({k: m4[k] for k in m1}, m1)
+    close(s4.params, s1.params)
+    assert s4.params["model"]["depth"].sharding.is_fully_replicated
+    p1, q1 = train.make_pretrain_step(train.deterministic(ff), tx)(s0, fb)
+    p4, q4 = parallel.make_sharded_pretrain_step(train.deterministic(ff), tx, mesh)(parallel.replicate(s0, mesh), fb)
+    close({k: q4[k] for k in q1}, q1)
+    close(p4.params, p1.params)
+    odd = jax.tree_util.tree_map(lambda x: x[:3], fb)
+    try:
+        sharded(parallel.replicate(s0, mesh), rb, odd)
+    except ValueError as e:
+        assert "not divisible by the 4 devices" in str(e), e
+    else:
+        raise AssertionError("force batch of 3 on 4 devices did not raise")
+
+    # 2. the training loops with a mesh == without: force pretraining, then BPTT with the force
+    #    term, validation, best-epoch choice and checkpoints
+    trajs = [_morse_traj(n, k) for k, n in enumerate((5, 6, 7, 8, 6))]
+    train_t, val_t = trajs[:4], trajs[4:]
+    out = {}
+    for name, m in (("single", None), ("mesh", mesh)):
+        pre, hist = loops.pretrain(train.deterministic(ff), ff, params()["model"], train_t, val_t, epochs=2,
+                                   batch_size=4, optim_config=bm.OptimConfig(learning_rate=1e-3, freeze_step=True),
+                                   mesh=m)
+        best, history, state = loops.bptt_finetune(
+            ff, ssf, {"model": pre, "step": params()["step"]}, train_t, val_t, bptt_config=cfg,
+            optim_config=bm.OptimConfig(learning_rate=1e-3, freeze_step=True), epochs=2, batch_size=4,
+            force_batch_size=4, checkpoint_dir=os.path.join(sys.argv[1], name), report=lambda msg: None, mesh=m)
+        out[name] = (pre, hist, best, history, state)
+    (pre1, h1, b1, bh1, st1), (pre4, h4, b4, bh4, st4) = out["single"], out["mesh"]
+    close(pre4, pre1, rtol=1e-5, atol=1e-6)
+    close(b4, b1, rtol=1e-5, atol=1e-6)
+    close(st4.params, st1.params, rtol=1e-5, atol=1e-6)
+    assert isinstance(b4["model"]["depth"], np.ndarray)  # host copies come back
+    np.testing.assert_allclose([r["val_mean_dq"] for r in bh4], [r["val_mean_dq"] for r in bh1], rtol=1e-5)
+    np.testing.assert_allclose([r["val_force_rmse"] for r in h4], [r["val_force_rmse"] for r in h1], rtol=1e-5)
+    print("SHARDED_TRAINING_OK", [round(r["val_mean_dq"], 6) for r in bh4])
+    """
+)
+
+
+def test_sharded_force_term_pretraining_and_training_loops_equal_single_device(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", _SHARDED_TRAINING_SCRIPT, str(tmp_path)], capture_output=True,
+                         text=True, env=env, cwd=REPO, timeout=600)
+    assert out.returncode == 0 and "SHARDED_TRAINING_OK" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
