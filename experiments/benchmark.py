@@ -49,7 +49,10 @@ flags.DEFINE_integer("batch_size", 4, "Structures per BPTT batch (Si defects, 62
 flags.DEFINE_integer("repeats", 3, "Timed repeats per measurement (median reported).")
 flags.DEFINE_integer("grid_steps", 32, "Step sizes in the grid-search comparison.")
 flags.DEFINE_integer("grid_frames", 25, "Frames per rollout in the grid-search comparison.")
-flags.DEFINE_list("grid_sizes", ["small"], "Model sizes for the grid-search comparison.")
+flags.DEFINE_list("grid_sizes", ["small", "published"], "Model sizes for the grid-search comparison.")
+flags.DEFINE_list("grid_batch_sizes", ["1", "4"], "Structures per rollout in the grid-search comparison.")
+flags.DEFINE_list("grid_chunk_sizes", ["4", "8"], "Also time search.make_grid_search(chunk_size=c): c step sizes vmapped "
+                  "at a time inside the one compiled call (lax.map); bounds memory and cache footprint.")
 flags.DEFINE_list("throughput_batches", ["1", "4", "16"], "Batch sizes of the forward-rollout throughput.")
 flags.DEFINE_integer("throughput_frames", 25, "Frames per rollout in the throughput measurement.")
 flags.DEFINE_list("throughput_sizes", ["small", "published"], "Model sizes for the throughput measurement.")
@@ -60,7 +63,11 @@ flags.DEFINE_bool("bf16", True, "Compare matmul_dtype='bfloat16' with float32 (D
 flags.DEFINE_integer("bf16_pretrain_epochs", 4, "Force-pretraining epochs of the small model used for the bf16 Dq check.")
 flags.DEFINE_integer("bf16_structures", 8, "Si-defect structures relaxed for the bf16 Dq check.")
 flags.DEFINE_integer("bf16_frames", 75, "Frames of the bf16 Dq check rollouts.")
-flags.DEFINE_list("sections", ["matmul", "bptt", "grid", "throughput", "bf16"], "Which parts to run.")
+flags.DEFINE_string("bf16_checkpoint", "", "A trained model checkpoint (e.g. a finetune run's checkpoints/bptt_best): "
+                    "its relaxations of every shipped Si-defect structure in float32 vs bfloat16 matmuls (section "
+                    "bf16_checkpoint, run when this is set).")
+flags.DEFINE_integer("bf16_checkpoint_frames", 75, "Frames of the checkpoint's float32 / bfloat16 relaxations.")
+flags.DEFINE_list("sections", ["matmul", "bptt", "grid", "throughput", "bf16", "bf16_checkpoint"], "Which parts to run.")
 flags.DEFINE_string("out_dir", "runs/benchmark", "Where results.json and results.md go.")
 flags.DEFINE_string("rss_child", "", "Internal: 'size:K:remat' measures one configuration and prints JSON.")
 
@@ -282,7 +289,7 @@ def rss_child(spec: str, batch_size: int) -> None:
     print(json.dumps({"rss_setup_mb": base, "rss_after_compile_mb": after_compile, "rss_peak_mb": peak}))
 
 
-def bench_grid(size: str, steps: int, k: int, batch_size: int, repeats: int) -> dict:
+def bench_grid(size: str, steps: int, k: int, batch_size: int, repeats: int, chunk_sizes=()) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -320,6 +327,13 @@ def bench_grid(size: str, steps: int, k: int, batch_size: int, repeats: int) -> 
            "loop_s": tl["median_s"], "loop_times_s": tl["times_s"], "loop_loadavg": tl["loadavg"],
            "speedup": tl["median_s"] / tv["median_s"], "vmapped_compile_s": grid_compile,
            "loop_compile_s": loop_compile, "max_abs_dq_diff": max_diff}
+    for c in chunk_sizes:
+        chunked = search.make_grid_search(force_fn, rc, chunk_size=c).lower(params, batch, etas).compile()
+        diff = float(jnp.max(jnp.abs(jnp.where(jnp.isfinite(ref), ref - chunked(params, batch, etas).dq, 0.0))))
+        tc = timed(lambda: _block(chunked(params, batch, etas).dq), repeats)
+        out.setdefault("chunked", []).append({"chunk_size": c, "s": tc["median_s"], "times_s": tc["times_s"],
+                                              "loadavg": tc["loadavg"], "speedup": tl["median_s"] / tc["median_s"],
+                                              "max_abs_dq_diff": diff})
     print(json.dumps({a: b for a, b in out.items() if not isinstance(b, list)}), flush=True)
     return out
 
@@ -420,6 +434,64 @@ def bench_bf16(pretrain_epochs: int, n_structures: int, k: int, repeats: int, si
     return out
 
 
+def bench_bf16_checkpoint(path: str, max_frames: int, batch_size: int) -> dict:
+    """Relax every shipped Si-defect structure with a trained checkpoint, float32 vs bfloat16
+    matmuls, same parameters and step rule; per-structure Dq to the reference end points and
+    Dq between the two end points (amu^0.5 Å)."""
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from bptt_mlip import checkpoint, losses, model, relax
+    from bptt_mlip.data import batching, load_default_dataset
+
+    params, norm, meta = checkpoint.restore_model(path)
+    cfg32 = dataclasses.replace(checkpoint.adapt_config_from_dict(meta["model_config"]), matmul_dtype="float32")
+    step_cfg = checkpoint.step_config_from_dict(meta["step_config"])
+    ssf = relax.make_step_size_fn(step_cfg, norm)
+    rc = relax.RolloutConfig(max_frames=max_frames, stop_rms=1e-3)
+    trajs = load_default_dataset("si_defects")
+    runs = {}
+    for name in ("float32", "bfloat16"):
+        ff = model.make_force_fn(dataclasses.replace(cfg32, matmul_dtype=name), norm)
+        runs[name] = jax.jit(lambda p, s, ff=ff: relax.rollout(ff, ssf, p, s, step_cfg, rc))
+    rows: dict[str, list] = {}
+    t = {"float32": 0.0, "bfloat16": 0.0}
+    for batch in batching.relaxation_batches(trajs, batch_size):
+        s = batch.initial
+        real = np.asarray(batch.weight) > 0
+        ends = {}
+        for name, fn in runs.items():
+            fn(params, s)  # compile / warm
+            t0 = time.perf_counter()
+            ends[name] = jax.block_until_ready(fn(params, s))
+            t[name] += time.perf_counter() - t0
+            rows.setdefault(f"dq_{name}", []).append(
+                np.asarray(losses.delta_q(ends[name].positions, batch.target_positions, s.masses, s.mask))[real])
+            rows.setdefault(f"frames_{name}", []).append(np.asarray(ends[name].num_frames)[real])
+            rows.setdefault(f"converged_{name}", []).append(np.asarray(ends[name].converged)[real])
+        rows.setdefault("dq_between", []).append(np.asarray(losses.delta_q(
+            ends["bfloat16"].positions, ends["float32"].positions, s.masses, s.mask))[real])
+        rows.setdefault("dq_initial", []).append(
+            np.asarray(losses.delta_q(s.positions, batch.target_positions, s.masses, s.mask))[real])
+    r = {k: np.concatenate(v) for k, v in rows.items()}
+    diff = r["dq_bfloat16"] - r["dq_float32"]
+    out = {"checkpoint": str(path), "structures": int(r["dq_float32"].size), "frames": max_frames, "stop_rms": 1e-3,
+           "step_config": meta["step_config"], "model_config": meta["model_config"],
+           "dq_initial_mean": float(r["dq_initial"].mean()),
+           "dq_float32_mean": float(r["dq_float32"].mean()), "dq_bfloat16_mean": float(r["dq_bfloat16"].mean()),
+           "dq_change_mean": float(diff.mean()), "dq_change_abs_mean": float(np.abs(diff).mean()),
+           "dq_change_abs_max": float(np.abs(diff).max()),
+           "dq_between_mean": float(r["dq_between"].mean()), "dq_between_max": float(r["dq_between"].max()),
+           "converged_float32": int(r["converged_float32"].sum()), "converged_bfloat16": int(r["converged_bfloat16"].sum()),
+           "mean_frames_float32": float(r["frames_float32"].mean()),
+           "mean_frames_bfloat16": float(r["frames_bfloat16"].mean()),
+           "relax_s_float32": t["float32"], "relax_s_bfloat16": t["bfloat16"]}
+    print(json.dumps({k: v for k, v in out.items() if not isinstance(v, dict)}), flush=True)
+    return out
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -467,6 +539,14 @@ def markdown(res: dict) -> str:
                          f"{_f(g['loop_s'])} | **{g['speedup']:.2f}x** | {_f(statistics.median(g['vmapped_loadavg']))} / "
                          f"{_f(statistics.median(g['loop_loadavg']))} | {_f(g['max_abs_dq_diff'])} |")
         lines.append("")
+        chunked = [(g, c) for g in res["grid"] for c in g.get("chunked", [])]
+        if chunked:
+            lines += ["Chunked (`make_grid_search(chunk_size=c)`: c step sizes vmapped at a time, still one call):", "",
+                      "| size | B | chunk | s | speedup vs loop | max |dDq| |", "|---|---|---|---|---|---|"]
+            for g, c in chunked:
+                lines.append(f"| {g['size']} | {g['batch_size']} | {c['chunk_size']} | {_f(c['s'])} | "
+                             f"{c['speedup']:.2f}x | {_f(c['max_abs_dq_diff'])} |")
+            lines.append("")
     if res.get("throughput"):
         lines += ["## Relaxation throughput (forward rollout, jitted, batched)", "",
                   "| size | B | K | real atoms | rollout s | atom-frames/s | GFLOP/s | load |", "|---|---|---|---|---|---|---|---|"]
@@ -490,6 +570,20 @@ def markdown(res: dict) -> str:
             lines.append(f"| {t['size']} | {t['matmul_dtype']} | {t['frames']} | {t['remat']} | {t['batch_size']} | "
                          f"{_f(t['step_s'])} | {_f(statistics.median(t['loadavg']))} |")
         lines.append("")
+    if res.get("bf16_checkpoint"):
+        c = res["bf16_checkpoint"]
+        lines += ["## bfloat16 matmuls with a trained checkpoint", "",
+                  f"`{c['checkpoint']}`: every shipped Si-defect structure ({c['structures']}) relaxed with the "
+                  f"checkpoint's step rule, at most {c['frames']} frames, stop_rms {c['stop_rms']}; same parameters.", "",
+                  "| quantity | float32 | bfloat16 |", "|---|---|---|",
+                  f"| mean Dq end -> reference | {c['dq_float32_mean']:.4f} | {c['dq_bfloat16_mean']:.4f} |",
+                  f"| converged | {c['converged_float32']} | {c['converged_bfloat16']} |",
+                  f"| mean frames | {c['mean_frames_float32']:.2f} | {c['mean_frames_bfloat16']:.2f} |",
+                  f"| relaxation time s (sum of batches) | {c['relax_s_float32']:.2f} | {c['relax_s_bfloat16']:.2f} |", "",
+                  f"Mean Dq start -> reference {c['dq_initial_mean']:.4f}; per-structure Dq change bf16 - f32: mean "
+                  f"{c['dq_change_mean']:+.4f}, mean |.| {c['dq_change_abs_mean']:.4f}, max |.| {c['dq_change_abs_max']:.4f}; "
+                  f"Dq between the float32 and bfloat16 end points: mean {c['dq_between_mean']:.4f}, max "
+                  f"{c['dq_between_max']:.4f}.", ""]
     return "\n".join(lines)
 
 
@@ -507,6 +601,8 @@ def main(argv):
         FLAGS.time_max_frames_published = 25
         FLAGS.repeats = min(FLAGS.repeats, 2)
         FLAGS.grid_frames = 10
+        FLAGS.grid_sizes = ["small"]
+        FLAGS.grid_batch_sizes = [str(FLAGS.batch_size)]
         FLAGS.throughput_frames = 10
         FLAGS.throughput_sizes = ["small"]
         FLAGS.throughput_batches = ["1", "8"]
@@ -517,6 +613,7 @@ def main(argv):
     t_start = time.perf_counter()
     res: dict = {"machine": machine_info(), "flags": {f: getattr(FLAGS, f) for f in (
         "quick", "sizes", "frames", "published_frames", "remats", "batch_size", "repeats", "grid_steps", "grid_frames",
+        "grid_sizes", "grid_batch_sizes", "grid_chunk_sizes",
         "throughput_batches", "throughput_frames", "matmul_size")}}
 
     def save():
@@ -539,8 +636,9 @@ def main(argv):
                                       FLAGS.rss and size in FLAGS.rss_sizes)
             save()
     if "grid" in FLAGS.sections:
-        res["grid"] = [bench_grid(s, FLAGS.grid_steps, FLAGS.grid_frames, FLAGS.batch_size, FLAGS.repeats)
-                       for s in FLAGS.grid_sizes]
+        res["grid"] = [bench_grid(s, FLAGS.grid_steps, FLAGS.grid_frames, int(b), FLAGS.repeats,
+                                  [int(c) for c in FLAGS.grid_chunk_sizes])
+                       for s in FLAGS.grid_sizes for b in FLAGS.grid_batch_sizes]
         save()
     if "throughput" in FLAGS.sections:
         res["throughput"] = []
@@ -552,6 +650,10 @@ def main(argv):
         res["bf16"] = bench_bf16(FLAGS.bf16_pretrain_epochs, FLAGS.bf16_structures, FLAGS.bf16_frames, FLAGS.repeats,
                                  ["small"] if FLAGS.quick else [s for s in FLAGS.sizes], 25 if not FLAGS.quick else 10,
                                  FLAGS.batch_size)
+        save()
+    if "bf16_checkpoint" in FLAGS.sections and FLAGS.bf16_checkpoint:
+        res["bf16_checkpoint"] = bench_bf16_checkpoint(FLAGS.bf16_checkpoint, FLAGS.bf16_checkpoint_frames,
+                                                       FLAGS.batch_size)
         save()
     save()
     print(markdown(res))
