@@ -62,6 +62,9 @@ class OptimConfig:
       weight_decay: decoupled weight decay of the model group (AdamW; 0 = off).
       freeze_model: train only the step parameters (figure 5a).
       freeze_step: never change the step parameters.
+      warmup_steps: the model group's learning rate rises linearly from 0 to
+        ``learning_rate`` over this many updates (0 = constant); deep post-LayerNorm
+        Transformers often need it.
       max_consecutive_nonfinite: after this many non-finite gradients in a row,
         ``apply_if_finite`` applies the (non-finite) update; the training loop stops before that.
     """
@@ -73,10 +76,16 @@ class OptimConfig:
     weight_decay: float = 0.0
     freeze_model: bool = False
     freeze_step: bool = False
+    warmup_steps: int = 0
     max_consecutive_nonfinite: int = 1_000_000
 
 
-def _group_chain(lr: float, clip: float, prox: float = 0.0, wd: float = 0.0) -> optax.GradientTransformation:
+def _group_chain(lr: float, clip: float, prox: float = 0.0, wd: float = 0.0,
+                 warmup: int = 0) -> optax.GradientTransformation:
+    if warmup < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup}")
+    if warmup:
+        lr = optax.linear_schedule(0.0, lr, warmup)
     parts = []
     if clip:
         parts.append(optax.clip_by_global_norm(clip))
@@ -96,7 +105,8 @@ def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
     model_tx = (
         optax.set_to_zero()
         if config.freeze_model
-        else _group_chain(config.learning_rate, config.clip_norm, config.proximal_weight, config.weight_decay)
+        else _group_chain(config.learning_rate, config.clip_norm, config.proximal_weight, config.weight_decay,
+                          config.warmup_steps)
     )
     step_tx = optax.set_to_zero() if config.freeze_step else _group_chain(config.step_learning_rate, config.clip_norm)
     tx = optax.partition({"model": model_tx, "step": step_tx}, group_labels)

@@ -78,6 +78,7 @@ def define_pretrain_flags() -> None:
     flags.DEFINE_integer("pretrain_epochs", 10, "Force-pretraining epochs over every training frame.")
     flags.DEFINE_integer("pretrain_batch_size", 32, "Frames per pretraining batch.")
     flags.DEFINE_float("pretrain_lr", 5e-4, "Adam learning rate of pretraining (paper's ADAPT: 5e-5 for ~80 epochs).")
+    flags.DEFINE_integer("pretrain_warmup_steps", 0, "Linear learning-rate warmup of pretraining over this many steps.")
     flags.DEFINE_integer("pretrain_frame_stride", 1, "Use every k-th frame of each training trajectory for pretraining.")
     flags.DEFINE_bool("pretrain_augment_rotation", False, "Rotate every pretraining frame (and its forces) randomly.")
     flags.DEFINE_float("pretrain_augment_translation", 0.0, "Translate every pretraining frame by up to this many Å.")
@@ -110,7 +111,8 @@ def pretrain_model(train_set, val, log, mesh=None):
     params, history = loops.pretrain(
         model.make_train_force_fn(cfg, normalizer), model.make_force_fn(cfg, normalizer), init, pre_train, val,
         epochs=FLAGS.pretrain_epochs, batch_size=FLAGS.pretrain_batch_size,
-        optim_config=optim.OptimConfig(learning_rate=FLAGS.pretrain_lr, clip_norm=1.0, freeze_step=True),
+        optim_config=optim.OptimConfig(learning_rate=FLAGS.pretrain_lr, clip_norm=1.0, freeze_step=True,
+                                       warmup_steps=FLAGS.pretrain_warmup_steps),
         seed=FLAGS.seed, log=log, augment_rotation=FLAGS.pretrain_augment_rotation,
         augment_translation=FLAGS.pretrain_augment_translation, mesh=mesh,
     )

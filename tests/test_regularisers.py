@@ -224,6 +224,23 @@ def test_weight_decay_shrinks_and_proximal_pulls_back_with_zero_loss_gradient():
     assert float(upd["model"]["w"][0]) < 0 and float(upd["model"]["w"][1]) == 0.0  # back toward 2.0, -1.0 untouched
 
 
+def test_learning_rate_warmup_is_linear_from_zero_and_only_for_the_model_group():
+    params_ = {"model": {"w": jnp.array([1.0])}, "step": {"eta": jnp.asarray(0.05)}}
+    grad = {"model": {"w": jnp.array([0.5])}, "step": {"eta": jnp.asarray(0.5)}}
+    tx = bm.make_optimizer(bm.OptimConfig(learning_rate=0.1, step_learning_rate=0.01, clip_norm=0.0, warmup_steps=4))
+    state = tx.init(params_)
+    model_moves, step_moves = [], []
+    for _ in range(6):
+        upd, state = tx.update(grad, state, params_)
+        model_moves.append(float(upd["model"]["w"][0]))
+        step_moves.append(float(upd["step"]["eta"]))
+    # Adam on a constant gradient moves by -lr (up to eps); the model's lr is 0, 0.025, ..., 0.1, 0.1
+    np.testing.assert_allclose(model_moves, [-0.0, -0.025, -0.05, -0.075, -0.1, -0.1], rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(step_moves, [-0.01] * 6, rtol=1e-4)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        bm.make_optimizer(bm.OptimConfig(warmup_steps=-1))
+
+
 def test_pretrain_augmentation_leaves_an_equivariant_model_loss_unchanged():
     _, fb = morse_task()
     p = params()
