@@ -92,3 +92,21 @@ def test_finetune_data_parallel_over_four_host_devices(tmp_path):
     assert len(results["per_structure_test_dq"]["bptt"]) == 3
     steps = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(m["phase"] == "bptt_step" and m["force_mse"] > 0 for m in steps)
+
+
+def test_every_shipped_flagfile_parses_and_passes_the_flag_checks():
+    script = (
+        "import glob, sys\n"
+        "from absl import flags\n"
+        "from experiments import finetune\n"
+        "files = sorted(glob.glob('experiments/*.flags'))\n"
+        "assert len(files) >= 5, files\n"
+        "for f in files:\n"
+        "    flags.FLAGS.unparse_flags()\n"
+        "    flags.FLAGS(['finetune', f'--flagfile={f}'])\n"
+        "    problems = finetune.flag_problems(finetune.common.flag_values())\n"
+        "    assert not problems, (f, problems)\n"
+        "print('FLAGFILES_OK', len(files))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "FLAGFILES_OK" in proc.stdout, proc.stderr[-3000:]
