@@ -278,14 +278,30 @@ def rss_subprocess(size: str, k: int, remat: str, batch_size: int) -> dict:
         return {"rss_error": str(e)[:200]}
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set size (MB).
+
+    Read from ``VmHWM`` in /proc/self/status, which starts afresh at ``exec``. (``getrusage``'s
+    ``ru_maxrss`` does not on Linux: a child started by ``subprocess`` reports at least the
+    parent's RSS at fork time, which is what an earlier version of this script measured.)
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def rss_child(spec: str, batch_size: int) -> None:
     size, k, remat = spec.split(":")
     step, state, batch, _ = bptt_setup(size, int(k), remat, batch_size)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = peak_rss_mb()
     compiled = step.lower(state, batch).compile()
-    after_compile = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    after_compile = peak_rss_mb()
     _block(compiled(state, batch))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     print(json.dumps({"rss_setup_mb": base, "rss_after_compile_mb": after_compile, "rss_peak_mb": peak}))
 
 
