@@ -47,6 +47,11 @@ def normalizer_from_trajectories(trajs: Sequence[Trajectory]) -> Normalizer:
     return fit_normalizer(p, ft, fr, np.ones(p.shape[0], bool))
 
 
+def _host_copy(mesh) -> Callable[[Any], Any]:
+    """How a loop hands its (replicated, when ``mesh`` is given) state to evaluation and saving."""
+    return (lambda tree: tree) if mesh is None else parallel.fetch
+
+
 def to_float(metrics: dict) -> dict:
     return {k: float(v) for k, v in metrics.items()}
 
@@ -82,7 +87,7 @@ def pretrain(
         parallel.check_batch_size(batch_size, mesh)
         step = parallel.make_sharded_pretrain_step(train_force_fn, tx, mesh, **kwargs)
         state = parallel.replicate_global(state, mesh)
-    host = parallel.fetch if mesh is not None else (lambda tree: tree)
+    host = _host_copy(mesh)
     history, best, best_rmse = [], model_params, math.inf
     total = progress.count_batches([t.num_atoms for t in train_trajs for _ in range(t.num_frames)], batch_size, buckets)
     for epoch in range(epochs):
@@ -236,13 +241,12 @@ def bptt_finetune(
     state = train.create_train_state(params, tx, jax.random.PRNGKey(seed))
     if mesh is None:
         step = train.make_bptt_step(force_fn, step_size_fn, bptt_config, tx)
-        host = lambda tree: tree  # noqa: E731
     else:
         parallel.check_batch_size(batch_size, mesh)
         if sampler is not None:
             parallel.check_batch_size(force_batch_size, mesh)
         step = parallel.make_sharded_bptt_step(force_fn, step_size_fn, bptt_config, tx, mesh)
-        host = parallel.fetch
+    host = _host_copy(mesh)
     rollout_eval = dataclasses.replace(bptt_config.rollout, remat="none", return_trajectory=False)
     history: list[dict] = []
     best, best_val = params, math.inf

@@ -123,20 +123,18 @@ def shard_global_batch(batch: Any, mesh: Mesh) -> Any:
     Each process copies only the rows of its own devices (``jax.make_array_from_callback``), so
     the same call works on one host and on many; on one host it equals :func:`shard_batch`.
     """
-    sharding = batch_sharding(mesh)
     check_batch_size(_leading_size(batch), mesh)
-
-    def put(x):
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-    return jax.tree_util.tree_map(put, batch)
+    return _put_global(batch, batch_sharding(mesh))
 
 
 def replicate_global(tree: Any, mesh: Mesh) -> Any:
     """Replicate a pytree that every process holds in full (e.g. the initial ``TrainState``) on
     every device of a (possibly multi-host) mesh."""
-    sharding = replicated(mesh)
+    return _put_global(tree, replicated(mesh))
+
+
+def _put_global(tree: Any, sharding: NamedSharding) -> Any:
+    """Place a pytree every process holds in full; each process copies only its devices' parts."""
 
     def put(x):
         host = np.asarray(x)
@@ -161,10 +159,9 @@ class ShardedStep:
         self.mesh = mesh
 
     def _place(self, batch):
-        leaves = jax.tree_util.tree_leaves(batch)
-        check_batch_size(int(leaves[0].shape[0]), self.mesh)
-        if all(isinstance(x, jax.Array) and x.sharding == batch_sharding(self.mesh) for x in leaves):
-            return batch
+        sharding = batch_sharding(self.mesh)
+        if all(isinstance(x, jax.Array) and x.sharding == sharding for x in jax.tree_util.tree_leaves(batch)):
+            return batch  # already placed (e.g. by shard_batch); its size was checked there
         return shard_global_batch(batch, self.mesh)
 
     def __call__(self, state: train.TrainState, batch: Any, force_batch: ForceBatch | None = None):

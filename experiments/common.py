@@ -132,9 +132,9 @@ def setup_devices(batch_sizes: dict[str, int] | None = None):
             raise app.UsageError(f"--num_processes={FLAGS.num_processes} needs --coordinator_address=host:port")
         if not 0 <= FLAGS.process_id < FLAGS.num_processes:
             raise app.UsageError(f"--process_id={FLAGS.process_id} is not in [0, {FLAGS.num_processes})")
-        parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         if not FLAGS.data_parallel:
             raise app.UsageError("--num_processes > 1 needs --data_parallel")
+        parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     if not FLAGS.data_parallel:
         return None
     mesh = parallel.make_mesh()
