@@ -1,17 +1,29 @@
 """bptt-mlip: fine-tune machine-learned interatomic potentials through whole relaxations (BPTT).
 
+The package is grouped in rooms (see docs/architecture.md); data flows one way:
+files -> records (:mod:`bptt_mlip.data`) -> padded batches (:mod:`bptt_mlip.structures`) ->
+rollout (:mod:`bptt_mlip.relax`) -> loss and optax update (:mod:`bptt_mlip.training`);
+force models live in :mod:`bptt_mlip.models`, and :mod:`bptt_mlip.workflow` uses a trained
+model (relax API, ASE calculator, command line).
+
 Public names (see docs/api.md):
 
 * structures: :class:`Structures`, :class:`RelaxationBatch`, :class:`ForceBatch`, :func:`from_atoms`, :func:`from_arrays`
-* model: :class:`AdaptConfig`, :class:`Normalizer`, :func:`init_params`, :func:`make_force_fn`, :func:`fit_normalizer`
+* models: :class:`AdaptConfig`, :class:`Normalizer`, :func:`init_params`, :func:`make_force_fn`, :func:`fit_normalizer`
 * relaxation: :class:`StepConfig`, :class:`RolloutConfig`, :func:`rollout`, :func:`frame`, :func:`make_step_size_fn`, :func:`init_step_params`
 * losses: :func:`delta_q`, :func:`position_mse`, :func:`force_rmse`, :func:`force_l2_error`
 * training: :class:`OptimConfig`, :func:`make_optimizer`, :class:`BPTTConfig`, :class:`TrainState`, :func:`make_bptt_step`, :func:`make_pretrain_step`
 * grid search: :func:`grid_search`, :func:`make_grid_search`
+* workflow: :class:`TrainedModel`, :func:`relax_structures`, :class:`BPTTCalculator`
 """
 
-from bptt_mlip.losses import delta_q, force_l2_error, force_mae, force_rmse, position_mse
-from bptt_mlip.model import (
+from bptt_mlip import _moved
+
+_moved.install()
+
+from bptt_mlip import data, models, relax, training, workflow  # noqa: E402  (the rooms as attributes)
+from bptt_mlip.losses import delta_q, force_l2_error, force_mae, force_rmse, position_mse  # noqa: E402
+from bptt_mlip.models.adapt import (  # noqa: E402
     PUBLISHED,
     SMALL,
     TINY,
@@ -23,8 +35,8 @@ from bptt_mlip.model import (
     make_force_fn,
     make_train_force_fn,
 )
-from bptt_mlip.optim import OptimConfig, make_optimizer, proximal
-from bptt_mlip.relax import (
+from bptt_mlip.relax.grid import GridResult, grid_search, make_grid_search  # noqa: E402
+from bptt_mlip.relax.scan import (  # noqa: E402
     RolloutConfig,
     RolloutResult,
     StepConfig,
@@ -33,12 +45,27 @@ from bptt_mlip.relax import (
     make_step_size_fn,
     rollout,
 )
-from bptt_mlip.search import GridResult, grid_search, make_grid_search
-from bptt_mlip.structures import ForceBatch, RelaxationBatch, Structures, from_arrays, from_atoms
-from bptt_mlip.train import BPTTConfig, TrainState, create_train_state, make_bptt_step, make_pretrain_step
+from bptt_mlip.structures import ForceBatch, RelaxationBatch, Structures, from_arrays, from_atoms  # noqa: E402
+from bptt_mlip.training.optim import OptimConfig, make_optimizer, proximal  # noqa: E402
+from bptt_mlip.training.steps import (  # noqa: E402
+    BPTTConfig,
+    TrainState,
+    create_train_state,
+    make_bptt_step,
+    make_pretrain_step,
+)
+from bptt_mlip.workflow.api import RelaxOutput, TrainedModel, relax as relax_structures  # noqa: E402
+from bptt_mlip.workflow.calculator import BPTTCalculator  # noqa: E402
 
 __version__ = "0.1.0"
 
-from bptt_mlip import checkpoint, data, evaluate, fire, loops, potentials  # noqa: E402  (submodules as attributes)
-from bptt_mlip.api import RelaxOutput, TrainedModel, relax as relax_structures  # noqa: E402
-from bptt_mlip.calculator import BPTTCalculator  # noqa: E402
+
+def __getattr__(name: str):
+    """``bptt_mlip.fire`` and the other old flat submodules, as attributes: warn and hand the new module."""
+    old = f"bptt_mlip.{name}"
+    if old in _moved.MOVED:
+        import importlib
+
+        _moved.warn_moved(old, _moved.MOVED[old])
+        return importlib.import_module(_moved.MOVED[old])
+    raise AttributeError(f"module 'bptt_mlip' has no attribute {name!r}")

@@ -124,7 +124,7 @@ def _block(x):
 def model_config(size: str, matmul_dtype: str = "float32"):
     import dataclasses
 
-    from bptt_mlip import model
+    from bptt_mlip.models import adapt as model
 
     base = {"small": model.SMALL, "published": model.PUBLISHED}[size]
     return dataclasses.replace(base, matmul_dtype=matmul_dtype, dropout=0.0)
@@ -135,7 +135,7 @@ _CACHE: dict = {}
 
 def si_data():
     if "trajs" not in _CACHE:
-        from bptt_mlip import loops
+        from bptt_mlip.training import loops
         from bptt_mlip.data import load_default_dataset
 
         trajs = [t for t in load_default_dataset("si_defects") if t.num_atoms <= 64]
@@ -159,7 +159,10 @@ def bptt_setup(size: str, k: int, remat: str, batch_size: int, matmul_dtype: str
     """(compiled step, state, batch, step_fn_jitted, optimizer) for one configuration."""
     import jax
 
-    from bptt_mlip import model, optim, relax, train
+    from bptt_mlip.models import adapt as model
+    from bptt_mlip.training import optim
+    from bptt_mlip.relax import scan as relax
+    from bptt_mlip.training import steps as train
 
     _, norm = si_data()
     cfg = model_config(size, matmul_dtype)
@@ -309,7 +312,10 @@ def bench_grid(size: str, steps: int, k: int, batch_size: int, repeats: int, chu
     import jax
     import jax.numpy as jnp
 
-    from bptt_mlip import losses, model, relax, search
+    from bptt_mlip import losses
+    from bptt_mlip.models import adapt as model
+    from bptt_mlip.relax import scan as relax
+    from bptt_mlip.relax import grid as search
 
     _, norm = si_data()
     cfg = model_config(size)
@@ -357,7 +363,8 @@ def bench_grid(size: str, steps: int, k: int, batch_size: int, repeats: int, chu
 def bench_throughput(size: str, batches: list[int], k: int, repeats: int) -> list[dict]:
     import jax
 
-    from bptt_mlip import model, relax
+    from bptt_mlip.models import adapt as model
+    from bptt_mlip.relax import scan as relax
 
     _, norm = si_data()
     cfg = model_config(size)
@@ -390,7 +397,12 @@ def bench_bf16(pretrain_epochs: int, n_structures: int, k: int, repeats: int, si
     import jax
     import numpy as np
 
-    from bptt_mlip import loops, losses, model, optim, relax, train
+    from bptt_mlip import losses
+    from bptt_mlip.training import loops
+    from bptt_mlip.models import adapt as model
+    from bptt_mlip.training import optim
+    from bptt_mlip.relax import scan as relax
+    from bptt_mlip.training import steps as train
 
     trajs, norm = si_data()
     cfg32 = dataclasses.replace(model.SMALL, input_encoding="xyz+fourier")
@@ -459,7 +471,10 @@ def bench_bf16_checkpoint(path: str, max_frames: int, batch_size: int) -> dict:
     import jax
     import numpy as np
 
-    from bptt_mlip import checkpoint, losses, model, relax
+    from bptt_mlip import losses
+    from bptt_mlip.training import checkpoint
+    from bptt_mlip.models import adapt as model
+    from bptt_mlip.relax import scan as relax
     from bptt_mlip.data import batching, load_default_dataset
 
     params, norm, meta = checkpoint.restore_model(path)

@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 from absl import flags, logging
 
-from bptt_mlip import checkpoint, model, relax
+from bptt_mlip.training import checkpoint
+from bptt_mlip.models import adapt as model
+from bptt_mlip.relax import scan as relax
 from bptt_mlip.data import curation, generator, readers
 
 FLAGS = flags.FLAGS
@@ -96,7 +98,8 @@ def pretrain_model(train_set, val, log, mesh=None):
     """Load --pretrained, or pretrain a new model on ``train_set``: (config, normalizer, params, history)."""
     import jax
 
-    from bptt_mlip import loops, optim
+    from bptt_mlip.training import loops
+    from bptt_mlip.training import optim
 
     if FLAGS.pretrained:
         cfg, normalizer, params = load_pretrained(FLAGS.pretrained)
@@ -125,7 +128,7 @@ def setup_devices(batch_sizes: dict[str, int] | None = None):
     size in ``batch_sizes`` ({flag name: value}) must be divisible by the device count."""
     from absl import app
 
-    from bptt_mlip import parallel
+    from bptt_mlip.training import parallel
 
     if FLAGS.num_processes > 1:
         if not FLAGS.coordinator_address:
@@ -397,7 +400,7 @@ def save_model(path: Path, params, normalizer, cfg: model.AdaptConfig, step_cfg:
     import jax
     import optax
 
-    from bptt_mlip import train
+    from bptt_mlip.training import steps as train
 
     state = train.create_train_state(params, optax.identity(), jax.random.PRNGKey(0))
     meta = {

@@ -32,8 +32,16 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 
-from bptt_mlip import api, checkpoint, descriptors, fire, loops, model, optim, plots_structure, train
-from bptt_mlip.relax import RolloutConfig, StepConfig, init_step_params, make_step_size_fn
+from bptt_mlip import descriptors
+from bptt_mlip.workflow import api
+from bptt_mlip.training import checkpoint
+from bptt_mlip.relax import fire
+from bptt_mlip.training import loops
+from bptt_mlip.models import adapt as model
+from bptt_mlip.training import optim
+from bptt_mlip.workflow import plots_structure
+from bptt_mlip.training import steps as train
+from bptt_mlip.relax.scan import RolloutConfig, StepConfig, init_step_params, make_step_size_fn
 from bptt_mlip.data import curation, readers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +128,7 @@ def main(argv):
         seed=FLAGS.seed,
     )
     t_pre = time.time() - t0
-    from bptt_mlip import evaluate
+    from bptt_mlip.training import evaluate
     from bptt_mlip.data import batching
 
     force_err = {split: evaluate.evaluate_forces(force_fn, pre_params, batching.force_batches(ts, 32))

@@ -16,7 +16,14 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import common
-from bptt_mlip import checkpoint, fire, loops, model, optim, plots, relax, train
+from bptt_mlip.training import checkpoint
+from bptt_mlip.relax import fire
+from bptt_mlip.training import loops
+from bptt_mlip.models import adapt as model
+from bptt_mlip.training import optim
+from bptt_mlip.workflow import plots
+from bptt_mlip.relax import scan as relax
+from bptt_mlip.training import steps as train
 from bptt_mlip.data import batching
 
 FLAGS = flags.FLAGS
@@ -225,7 +232,7 @@ def main(argv):
     common.info(f"model: {cfg}, {model.count_params(model_params)} parameters")
 
     def force_errors(p, trajs_):
-        from bptt_mlip import evaluate
+        from bptt_mlip.training import evaluate
 
         return evaluate.evaluate_forces(force_fn, p, batching.force_batches(trajs_, FLAGS.pretrain_batch_size))
 

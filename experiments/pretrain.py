@@ -13,7 +13,11 @@ import jax
 from absl import app, flags
 
 from experiments import common
-from bptt_mlip import evaluate, loops, model, optim, relax
+from bptt_mlip.training import evaluate
+from bptt_mlip.training import loops
+from bptt_mlip.models import adapt as model
+from bptt_mlip.training import optim
+from bptt_mlip.relax import scan as relax
 from bptt_mlip.data import batching
 
 FLAGS = flags.FLAGS

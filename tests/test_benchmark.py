@@ -12,7 +12,10 @@ from pathlib import Path
 import jax
 import optax
 
-from bptt_mlip import checkpoint, model, relax, train
+from bptt_mlip.training import checkpoint
+from bptt_mlip.models import adapt as model
+from bptt_mlip.relax import scan as relax
+from bptt_mlip.training import steps as train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,12 @@ import optax
 import pytest
 
 import bptt_mlip as bm
-from bptt_mlip import checkpoint, losses, optim, potentials, relax, train
+from bptt_mlip import losses
+from bptt_mlip.training import checkpoint
+from bptt_mlip.training import optim
+from bptt_mlip.models import potentials
+from bptt_mlip.relax import scan as relax
+from bptt_mlip.training import steps as train
 
 
 def cluster(n: int, seed: int, spacing: float = 2.4, noise: float = 0.25) -> np.ndarray:

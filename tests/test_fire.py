@@ -14,7 +14,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from ase.calculators.emt import EMT
 from ase.optimize import FIRE
 
-from bptt_mlip import fire
+from bptt_mlip.relax import fire
 
 POS_TOL = 1e-8  # Å, float64 agreement with ASE over a whole trajectory
 

@@ -17,7 +17,10 @@ import numpy as np
 import pytest
 
 import bptt_mlip as bm
-from bptt_mlip import model, optim, relax, train
+from bptt_mlip.models import adapt as model
+from bptt_mlip.training import optim
+from bptt_mlip.relax import scan as relax
+from bptt_mlip.training import steps as train
 from bptt_mlip.data import batching
 from bptt_mlip.data.generator import load_default_dataset
 
@@ -155,7 +158,11 @@ _SHARDED_SCRIPT = textwrap.dedent(
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     import jax, jax.numpy as jnp, numpy as np
     import bptt_mlip as bm
-    from bptt_mlip import model, optim, parallel, relax, train
+    from bptt_mlip.models import adapt as model
+    from bptt_mlip.training import optim
+    from bptt_mlip.training import parallel
+    from bptt_mlip.relax import scan as relax
+    from bptt_mlip.training import steps as train
 
     assert jax.device_count() == 4, jax.devices()
     rng = np.random.default_rng(0)
@@ -223,7 +230,11 @@ _SHARDED_TRAINING_SCRIPT = textwrap.dedent(
     sys.path.insert(0, "tests")
     import jax, jax.numpy as jnp, numpy as np
     import bptt_mlip as bm
-    from bptt_mlip import loops, parallel, potentials, relax, train
+    from bptt_mlip.training import loops
+    from bptt_mlip.training import parallel
+    from bptt_mlip.models import potentials
+    from bptt_mlip.relax import scan as relax
+    from bptt_mlip.training import steps as train
     from test_regularisers import FIXED, ROLL, _morse_traj, morse_task, params
 
     assert jax.device_count() == 4, jax.devices()

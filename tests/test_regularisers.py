@@ -10,7 +10,11 @@ import numpy as np
 import pytest
 
 import bptt_mlip as bm
-from bptt_mlip import augment, loops, potentials, relax, train
+from bptt_mlip.training import augment
+from bptt_mlip.training import loops
+from bptt_mlip.models import potentials
+from bptt_mlip.relax import scan as relax
+from bptt_mlip.training import steps as train
 from bptt_mlip.data import batching
 from bptt_mlip.data.trajectory import make_trajectory
 

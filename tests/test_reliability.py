@@ -19,7 +19,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bptt_mlip import checkpoint, loops, optim, potentials, relax, train
+from bptt_mlip.training import checkpoint
+from bptt_mlip.training import loops
+from bptt_mlip.training import optim
+from bptt_mlip.models import potentials
+from bptt_mlip.relax import scan as relax
+from bptt_mlip.training import steps as train
 from bptt_mlip.data import generator, readers
 from bptt_mlip.data import trajectory as T
 from bptt_mlip.data.trajectory import TrajectoryError, make_trajectory
@@ -308,7 +313,7 @@ TINY = ["--max_trajectories=12", "--num_test=3", "--num_val=2", "--max_frames=4"
 def tiny_pretrained(tmp_path_factory):
     """A random-weight 'pretrained' checkpoint of the tiny model (pretraining itself is not under test)."""
     from experiments import common
-    from bptt_mlip import model
+    from bptt_mlip.models import adapt as model
 
     path = tmp_path_factory.mktemp("pre") / "pretrained"
     trajs = generator.load_default_dataset("si_defects")[:12]

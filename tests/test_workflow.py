@@ -18,9 +18,15 @@ from ase.calculators.emt import EMT
 from ase.optimize import FIRE
 from pymatgen.core import Lattice, Structure
 
-from bptt_mlip import api, calculator, checkpoint, fire, model, plots_structure, train
-from bptt_mlip.relax import StepConfig
-from bptt_mlip.__main__ import main as cli_main
+from bptt_mlip.workflow import api
+from bptt_mlip.workflow import calculator
+from bptt_mlip.training import checkpoint
+from bptt_mlip.relax import fire
+from bptt_mlip.models import adapt as model
+from bptt_mlip.workflow import plots_structure
+from bptt_mlip.training import steps as train
+from bptt_mlip.relax.scan import StepConfig
+from bptt_mlip.workflow.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 ETA = 0.02

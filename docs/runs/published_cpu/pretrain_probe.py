@@ -14,7 +14,10 @@ import time
 
 import jax
 
-from bptt_mlip import loops, model, optim, train
+from bptt_mlip.training import loops
+from bptt_mlip.models import adapt as model
+from bptt_mlip.training import optim
+from bptt_mlip.training import steps as train
 from bptt_mlip.data import load_default_dataset
 
 trajs = load_default_dataset("si_defects")

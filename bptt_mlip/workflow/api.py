@@ -1,6 +1,6 @@
 """Use a trained model in a materials workflow: load a checkpoint, relax ASE / pymatgen structures.
 
-    from bptt_mlip.api import TrainedModel, relax
+    from bptt_mlip.workflow.api import TrainedModel, relax
     model = TrainedModel.load("runs/si_cpu/checkpoints/bptt_best")   # or the run directory
     out = relax([atoms, structure], model)                            # ASE Atoms and pymatgen Structures
     out.structures[0], out.num_frames, out.converged, out.max_force
@@ -37,14 +37,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bptt_mlip import checkpoint, fire, model as model_lib, structures as structures_lib
-from bptt_mlip.relax import RolloutConfig, StepConfig, StepSizeFn, make_step_size_fn, rollout
+from bptt_mlip import structures as structures_lib
+from bptt_mlip.training import checkpoint
+from bptt_mlip.relax import fire
+from bptt_mlip.models import adapt as model_lib
+from bptt_mlip.relax.scan import RolloutConfig, StepConfig, StepSizeFn, make_step_size_fn, rollout
 
 # (the relax *module* is imported by name, not as ``bptt_mlip.relax``: the package may export this
 # module's ``relax`` function under a name that would shadow the submodule attribute)
 from bptt_mlip.data.batching import DEFAULT_BUCKETS, bucket_atoms
+from bptt_mlip.types import ForceFn, Params
 
-Params = Any
 METHODS = ("frame", "fire")
 
 
@@ -114,7 +117,7 @@ class TrainedModel:
         return cls(config, normalizer, params, step_config, dict(meta), str(directory))
 
     @functools.cached_property
-    def force_fn(self) -> model_lib.ForceFn:
+    def force_fn(self) -> ForceFn:
         """``force_fn(model_params, structures) -> [B, N, 3]`` eV/Å (one object per model, so jit caches hit)."""
         return model_lib.make_force_fn(self.config, self.normalizer)
 

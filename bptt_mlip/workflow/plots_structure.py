@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from bptt_mlip.plots import _plt
+from bptt_mlip.workflow.plots import _plt
 
 
 def _minimum_image(d: np.ndarray, cell: np.ndarray | None) -> np.ndarray:

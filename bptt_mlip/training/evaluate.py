@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bptt_mlip import losses, relax
-from bptt_mlip.model import ForceFn
-from bptt_mlip.structures import ForceBatch, RelaxationBatch
+from bptt_mlip import losses
+from bptt_mlip.relax import scan as relax
 
-Params = Any
+from bptt_mlip.structures import ForceBatch, RelaxationBatch
+from bptt_mlip.types import ForceFn, Params
 
 
 @functools.lru_cache(maxsize=64)

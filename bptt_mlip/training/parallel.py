@@ -32,9 +32,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from bptt_mlip import relax, train
-from bptt_mlip.model import ForceFn
+from bptt_mlip.relax import scan as relax
+from bptt_mlip.training import steps as train
+
 from bptt_mlip.structures import ForceBatch
+from bptt_mlip.types import ForceFn, TrainForceFn
 
 BATCH_AXIS = "batch"
 
@@ -209,7 +211,7 @@ def make_sharded_bptt_step(
 
 
 def make_sharded_pretrain_step(
-    force_fn: train.TrainForceFn,
+    force_fn: TrainForceFn,
     optimizer: optax.GradientTransformation,
     mesh: Mesh | None = None,
     **pretrain_kwargs: Any,

@@ -18,8 +18,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-
-Params = Any
+from bptt_mlip.types import Params
 
 
 class ProximalState(NamedTuple):

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from bptt_mlip.model import AdaptConfig, Normalizer
-from bptt_mlip.relax import StepConfig
+from bptt_mlip.models.adapt import AdaptConfig, Normalizer
+from bptt_mlip.relax.scan import StepConfig
 
 
 def _manager(directory: str | os.PathLike, max_to_keep: int | None = 3) -> ocp.CheckpointManager:

@@ -44,8 +44,7 @@ import chex
 import flax.struct
 import jax
 import jax.numpy as jnp
-
-ForceFn = Callable[[jnp.ndarray], jnp.ndarray]
+from bptt_mlip.types import PositionForceFn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +102,7 @@ class FireState:
     n_steps: jnp.ndarray
 
 
-def _masked_forces(force_fn: ForceFn, positions: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+def _masked_forces(force_fn: PositionForceFn, positions: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
     forces = force_fn(positions)
     chex.assert_equal_shape([forces, positions])
     # `where`, not a product: whatever force_fn returns on padding (even NaN) is dropped.
@@ -133,7 +132,7 @@ def _active(state: FireState, config: FireConfig) -> jnp.ndarray:
     return jnp.logical_not(state.converged) & (state.n_steps < config.max_steps)
 
 
-def fire_init(force_fn: ForceFn, positions: jnp.ndarray, mask: jnp.ndarray, config: FireConfig) -> FireState:
+def fire_init(force_fn: PositionForceFn, positions: jnp.ndarray, mask: jnp.ndarray, config: FireConfig) -> FireState:
     """Start FIRE at ``positions`` [B, N, 3]: one force call and ASE's initial convergence check."""
     chex.assert_rank(positions, 3)
     chex.assert_shape(mask, positions.shape[:2])
@@ -154,7 +153,7 @@ def fire_init(force_fn: ForceFn, positions: jnp.ndarray, mask: jnp.ndarray, conf
     )
 
 
-def fire_step(force_fn: ForceFn, state: FireState, mask: jnp.ndarray, config: FireConfig) -> FireState:
+def fire_step(force_fn: PositionForceFn, state: FireState, mask: jnp.ndarray, config: FireConfig) -> FireState:
     """One ASE FIRE step for every structure that is neither converged nor out of steps.
 
     The other structures are returned unchanged (bit for bit). ``force_fn`` is called once,
@@ -220,7 +219,7 @@ def fire_step(force_fn: ForceFn, state: FireState, mask: jnp.ndarray, config: Fi
 
 
 def fire_relax(
-    force_fn: ForceFn,
+    force_fn: PositionForceFn,
     positions: jnp.ndarray,
     mask: jnp.ndarray,
     config: FireConfig = FireConfig(),

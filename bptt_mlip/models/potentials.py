@@ -14,8 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from bptt_mlip.structures import Structures
-
-Params = Any
+from bptt_mlip.types import Params
 
 
 def init_morse_params(depth: float = 0.5, r0: float = 2.35, alpha: float = 1.5) -> Params:

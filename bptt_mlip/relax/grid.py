@@ -13,11 +13,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from bptt_mlip import losses, relax
-from bptt_mlip.model import ForceFn
-from bptt_mlip.structures import RelaxationBatch
+from bptt_mlip import losses
+from bptt_mlip.relax import scan as relax
 
-Params = Any
+from bptt_mlip.structures import RelaxationBatch
+from bptt_mlip.types import ForceFn, Params
 
 
 class GridResult(NamedTuple):

@@ -15,13 +15,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bptt_mlip import augment, losses, optim, relax
-from bptt_mlip.model import ForceFn
-from bptt_mlip.structures import ForceBatch, RelaxationBatch, Structures
+from bptt_mlip import losses
+from bptt_mlip.training import augment
+from bptt_mlip.training import optim
+from bptt_mlip.relax import scan as relax
 
-Params = Any
-TrainForceFn = Callable[[Params, Structures, jax.Array], jnp.ndarray]
-"""A force function used while training that may use randomness (dropout): ``(params, structures, key)``."""
+from bptt_mlip.structures import ForceBatch, RelaxationBatch, Structures
+from bptt_mlip.types import ForceFn, Params, TrainForceFn
 
 
 @flax.struct.dataclass

@@ -9,7 +9,7 @@ even with ``logfile=None``), so ``FIRE(atoms).run()`` on atoms with a forces-onl
 stops with that error at its first log line. Wrap the atoms with :func:`forces_only`::
 
     from ase.optimize import FIRE
-    from bptt_mlip.calculator import BPTTCalculator, forces_only
+    from bptt_mlip.workflow.calculator import BPTTCalculator, forces_only
 
     atoms.calc = BPTTCalculator(model)
     FIRE(forces_only(atoms), logfile=None).run(fmax=0.05, steps=200)   # moves ``atoms`` in place
@@ -30,7 +30,8 @@ import numpy as np
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.optimize.optimize import OptimizableAtoms
 
-from bptt_mlip import api, structures as structures_lib
+from bptt_mlip import structures as structures_lib
+from bptt_mlip.workflow import api
 from bptt_mlip.data.batching import DEFAULT_BUCKETS, bucket_atoms
 from bptt_mlip.data.oracles import Oracle
 

@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 
 from bptt_mlip import losses
-from bptt_mlip.model import EncoderBlock, ForceFn, Normalizer, key_padding_mask
+from bptt_mlip.models.adapt import EncoderBlock, Normalizer, key_padding_mask
 from bptt_mlip.structures import Structures
+from bptt_mlip.types import ForceFn, Params
 
-Params = Any
 StepSizeFn = Callable[[Params, Structures, jnp.ndarray], jnp.ndarray]
 """``step_size_fn(step_params, structures, forces) -> [B]`` step size of this frame (before annealing)."""
 

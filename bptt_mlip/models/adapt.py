@@ -29,10 +29,8 @@ import numpy as np
 
 from bptt_mlip import descriptors
 from bptt_mlip.structures import Structures
+from bptt_mlip.types import ForceFn, Params
 
-Params = Any
-ForceFn = Callable[[Params, Structures], jnp.ndarray]
-"""Any force model: ``force_fn(params, structures) -> forces [B, N, 3]`` in eV/Å."""
 
 MATMUL_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 """``AdaptConfig.matmul_dtype`` -> Flax ``dtype`` of Dense/attention (None: float32, Flax's default)."""

@@ -19,13 +19,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bptt_mlip import evaluate, losses, optim, parallel, progress, relax, search, train
+from bptt_mlip import losses, progress
+from bptt_mlip.training import evaluate
+from bptt_mlip.training import optim
+from bptt_mlip.training import parallel
+from bptt_mlip.relax import scan as relax
+from bptt_mlip.relax import grid as search
+from bptt_mlip.training import steps as train
 from bptt_mlip.data import batching
 from bptt_mlip.data.trajectory import Trajectory
-from bptt_mlip.model import AdaptConfig, ForceFn, Normalizer, fit_normalizer
+from bptt_mlip.models.adapt import AdaptConfig, Normalizer, fit_normalizer
 from bptt_mlip import descriptors
+from bptt_mlip.types import ForceFn, Params, TrainForceFn
 
-Params = Any
 LogFn = Callable[[str, int, dict], None]
 
 
@@ -57,7 +63,7 @@ def to_float(metrics: dict) -> dict:
 
 
 def pretrain(
-    train_force_fn: train.TrainForceFn,
+    train_force_fn: TrainForceFn,
     force_fn: ForceFn,
     model_params: Params,
     train_trajs: Sequence[Trajectory],
@@ -215,7 +221,7 @@ def bptt_finetune(
     next batch: the batch order of an epoch is a pure function of ``seed`` and the epoch, so the
     batches already done are skipped, and the result is bit-identical to an uninterrupted run.
     """
-    from bptt_mlip import checkpoint as ckpt
+    from bptt_mlip.training import checkpoint as ckpt
 
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
@@ -376,7 +382,7 @@ def fire_table(
     buckets: Sequence[int] = batching.DEFAULT_BUCKETS,
 ) -> tuple[dict, dict]:
     """(summary, per-structure arrays) of relaxing ``trajs`` with FIRE (ASE semantics) on the model's forces."""
-    from bptt_mlip import fire
+    from bptt_mlip.relax import fire
 
     @jax.jit
     def run(p, batch):
