@@ -3,11 +3,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: help install test run finetune-cpu data benchmark clean
+.PHONY: help install lint test run finetune-cpu data benchmark clean
 
 help:
 	@echo "make install   - create $(VENV) and install bptt-mlip with test extras"
-	@echo "make test      - install, then run the test suite"
+	@echo "make lint      - install, then ruff (line length, errors) over the library, scripts and tests"
+	@echo "make test      - install, lint, then run the test suite"
 	@echo "make run       - install, then run the main job (BPTT fine-tuning on the shipped Si-defect data, ~15 min on 2 CPU cores)"
 	@echo "make data      - regenerate the shipped default datasets from their seeds"
 	@echo "make clean     - remove build and run artefacts"
@@ -19,7 +20,10 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/python -m pip install -e '.[test]'
 
-test: install
+lint: install
+	$(BIN)/python -m ruff check bptt_mlip experiments tests
+
+test: lint
 	$(BIN)/python -m pytest tests
 
 run: install

@@ -8,11 +8,14 @@ model (relax API, ASE calculator, command line).
 
 Public names (see docs/api.md):
 
-* structures: :class:`Structures`, :class:`RelaxationBatch`, :class:`ForceBatch`, :func:`from_atoms`, :func:`from_arrays`
+* structures: :class:`Structures`, :class:`RelaxationBatch`, :class:`ForceBatch`, :func:`from_atoms`,
+  :func:`from_arrays`
 * models: :class:`AdaptConfig`, :class:`Normalizer`, :func:`init_params`, :func:`make_force_fn`, :func:`fit_normalizer`
-* relaxation: :class:`StepConfig`, :class:`RolloutConfig`, :func:`rollout`, :func:`frame`, :func:`make_step_size_fn`, :func:`init_step_params`
+* relaxation: :class:`FixedStep`, :class:`LearnableStep`, :class:`NeuralStep` (step rules), :class:`FrameModifiers`,
+  :class:`RolloutConfig`, :func:`rollout`, :func:`frame`
 * losses: :func:`delta_q`, :func:`position_mse`, :func:`force_rmse`, :func:`force_l2_error`
-* training: :class:`OptimConfig`, :func:`make_optimizer`, :class:`BPTTConfig`, :class:`TrainState`, :func:`make_bptt_step`, :func:`make_pretrain_step`
+* training: :class:`OptimConfig`, :func:`make_optimizer`, :class:`BPTTConfig`, :class:`TrainState`, :class:`Trainer`,
+  :func:`make_bptt_trainer`, :func:`make_pretrain_trainer`
 * grid search: :func:`grid_search`, :func:`make_grid_search`
 * workflow: :class:`TrainedModel`, :func:`relax_structures`, :class:`BPTTCalculator`
 """
@@ -36,25 +39,19 @@ from bptt_mlip.models.adapt import (  # noqa: E402
     make_train_force_fn,
 )
 from bptt_mlip.relax.grid import GridResult, grid_search, make_grid_search  # noqa: E402
-from bptt_mlip.relax.scan import (  # noqa: E402
-    RolloutConfig,
-    RolloutResult,
-    StepConfig,
-    frame,
-    init_step_params,
-    make_step_size_fn,
-    rollout,
-)
+from bptt_mlip.models.step_head import NeuralStep  # noqa: E402
+from bptt_mlip.relax.scan import FrameModifiers, RolloutConfig, RolloutResult, frame, rollout  # noqa: E402
+from bptt_mlip.relax.step_rules import FixedStep, LearnableStep, StepRule  # noqa: E402
 from bptt_mlip.structures import ForceBatch, RelaxationBatch, Structures, from_arrays, from_atoms  # noqa: E402
 from bptt_mlip.training.optim import OptimConfig, make_optimizer, proximal  # noqa: E402
 from bptt_mlip.training.steps import (  # noqa: E402
     BPTTConfig,
+    Trainer,
     TrainState,
-    create_train_state,
-    make_bptt_step,
-    make_pretrain_step,
+    make_bptt_trainer,
+    make_pretrain_trainer,
 )
-from bptt_mlip.workflow.api import RelaxOutput, TrainedModel, relax as relax_structures  # noqa: E402
+from bptt_mlip.workflow.api import RelaxOutput, TrainedModel, relax_structures  # noqa: E402
 from bptt_mlip.workflow.calculator import BPTTCalculator  # noqa: E402
 
 __version__ = "0.1.0"

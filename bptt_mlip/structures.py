@@ -52,9 +52,6 @@ class Structures:
         """[B] int32 count of real atoms per structure."""
         return jnp.sum(self.mask, axis=-1).astype(jnp.int32)
 
-    def replace_positions(self, positions: jnp.ndarray) -> "Structures":
-        return self.replace(positions=positions)
-
     def check(self) -> None:
         """Assert consistent shapes (chex); call at public boundaries."""
         b, n = self.positions.shape[:2]
@@ -144,26 +141,57 @@ def from_arrays(
         species[i, : len(z)] = z
         positions[i, : len(z)] = pos
         cell_arr[i] = _as_cell(cell)
+    return padded_structures(species, positions, cell_arr)
+
+
+def padded_structures(species: np.ndarray, positions: np.ndarray, cells: np.ndarray) -> Structures:
+    """:class:`Structures` from already padded numpy arrays: ``species`` [B, N] int32 (0 = padding),
+    ``positions`` [B, N, 3] float32 Å, ``cells`` [B, 3, 3] float32 Å. Descriptors, masses and the
+    mask follow from the species."""
     return Structures(
         positions=jnp.asarray(positions),
         species=jnp.asarray(species),
         features=jnp.asarray(descriptors.element_features(species)),
         masses=jnp.asarray(descriptors.atomic_masses(species)),
         mask=jnp.asarray(species > 0),
-        cell=jnp.asarray(cell_arr),
+        cell=jnp.asarray(cells),
     )
 
 
-def _atoms_arrays(obj: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(atomic numbers, positions Å, cell or None) of an ASE Atoms or pymatgen Structure/Molecule."""
-    if hasattr(obj, "get_atomic_numbers") and hasattr(obj, "get_positions"):  # ase.Atoms
+def is_ase_atoms(obj: Any) -> bool:
+    """True for an ASE ``Atoms`` (or anything with its position and number accessors)."""
+    return hasattr(obj, "get_atomic_numbers") and hasattr(obj, "get_positions")
+
+
+def is_atoms_like(obj: Any) -> bool:
+    """True for an ASE ``Atoms`` or a pymatgen ``Structure`` / ``Molecule`` (checked by their methods,
+    so neither library has to be imported)."""
+    return is_ase_atoms(obj) or (hasattr(obj, "cart_coords") and hasattr(obj, "species"))
+
+
+def atoms_arrays(obj: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(atomic numbers [n], Cartesian positions [n, 3] Å, cell [3, 3] Å or None) of an ASE ``Atoms``
+    or a pymatgen ``Structure`` / ``Molecule``. An ASE cell counts when periodic or of full rank."""
+    if is_ase_atoms(obj):
         cell = np.asarray(obj.cell.array) if np.any(obj.pbc) or obj.cell.rank == 3 else None
         return np.asarray(obj.get_atomic_numbers()), np.asarray(obj.get_positions()), cell
-    if hasattr(obj, "cart_coords") and hasattr(obj, "species"):  # pymatgen
+    if is_atoms_like(obj):
         z = np.asarray([site.specie.Z for site in obj])
         cell = np.asarray(obj.lattice.matrix) if hasattr(obj, "lattice") else None
         return z, np.asarray(obj.cart_coords), cell
     raise TypeError(f"expected an ase.Atoms or a pymatgen Structure/Molecule, got {type(obj).__name__}")
+
+
+def copy_with_positions(obj: Any, positions: np.ndarray) -> Any:
+    """A copy of an ASE ``Atoms`` or pymatgen ``Structure`` / ``Molecule`` at Cartesian ``positions``
+    [n, 3] Å; everything else (cell, pbc, info, constraints, site properties) is kept."""
+    new = obj.copy()
+    if is_ase_atoms(obj):
+        new.set_positions(positions, apply_constraint=False)
+        return new
+    for site, xyz in zip(new, positions):  # PeriodicSite.coords setter updates frac_coords too
+        site.coords = np.asarray(xyz, np.float64)
+    return new
 
 
 def from_atoms(
@@ -172,28 +200,8 @@ def from_atoms(
     """Build a padded batch from ASE ``Atoms`` and/or pymatgen ``Structure`` objects (may be mixed)."""
     species, positions, cells = [], [], []
     for obj in objects:
-        z, pos, cell = _atoms_arrays(obj)
+        z, pos, cell = atoms_arrays(obj)
         species.append(z)
         positions.append(pos)
         cells.append(cell)
     return from_arrays(species, positions, cells, max_atoms=max_atoms, batch_size=batch_size)
-
-
-def pad_structures(structures: Structures, max_atoms: int) -> Structures:
-    """Pad an existing batch along the atom axis to ``max_atoms`` (no-op if already that size)."""
-    n = structures.max_atoms
-    if max_atoms < n:
-        raise ValueError(f"cannot pad {n} atoms down to {max_atoms}")
-    extra = max_atoms - n
-
-    def pad(x):
-        widths = [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2)
-        return jnp.pad(x, widths)
-
-    return structures.replace(
-        positions=pad(structures.positions),
-        species=pad(structures.species),
-        features=pad(structures.features),
-        masses=pad(structures.masses),
-        mask=pad(structures.mask),
-    )

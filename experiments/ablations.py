@@ -81,7 +81,8 @@ def main(argv):
     rows = []
     for name in expand(FLAGS.variants):
         run = root / name
-        args = [*flagfile, f"--pretrained={FLAGS.pretrained}", "--fire=false", *shlex.split(FLAGS.extra), *VARIANTS[name]]
+        args = [*flagfile, f"--pretrained={FLAGS.pretrained}", "--fire=false", *shlex.split(FLAGS.extra),
+                *VARIANTS[name]]
         if not common.run_finetune(run, args, root / f"{name}.log"):
             rows.append({"variant": name, "status": "failed"})
             continue

@@ -135,12 +135,12 @@ _CACHE: dict = {}
 
 def si_data():
     if "trajs" not in _CACHE:
-        from bptt_mlip.training import loops
         from bptt_mlip.data import load_default_dataset
+        from bptt_mlip.models.adapt import normalizer_from_trajectories
 
         trajs = [t for t in load_default_dataset("si_defects") if t.num_atoms <= 64]
         _CACHE["trajs"] = trajs
-        _CACHE["normalizer"] = loops.normalizer_from_trajectories(trajs)
+        _CACHE["normalizer"] = normalizer_from_trajectories(trajs)
     return _CACHE["trajs"], _CACHE["normalizer"]
 
 
@@ -156,26 +156,27 @@ def si_batch(batch_size: int, offset: int = 0):
 
 
 def bptt_setup(size: str, k: int, remat: str, batch_size: int, matmul_dtype: str = "float32", params=None):
-    """(compiled step, state, batch, step_fn_jitted, optimizer) for one configuration."""
+    """(jitted BPTT update, state, batch, optimizer) for one configuration."""
     import jax
 
     from bptt_mlip.models import adapt as model
     from bptt_mlip.training import optim
     from bptt_mlip.relax import scan as relax
+    from bptt_mlip.relax import step_rules
     from bptt_mlip.training import steps as train
 
     _, norm = si_data()
     cfg = model_config(size, matmul_dtype)
     force_fn = model.make_force_fn(cfg, norm)
-    step_cfg = relax.StepConfig(kind="learnable", init_step=0.05)
+    step_rule = step_rules.LearnableStep(0.05)
     if params is None:
-        params = {"model": model.init_params(cfg, jax.random.PRNGKey(0)), "step": relax.init_step_params(step_cfg)}
+        params = {"model": model.init_params(cfg, jax.random.PRNGKey(0)), "step_rule": step_rule.init()}
     tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-5, clip_norm=1.0))
-    state = train.create_train_state(params, tx, jax.random.PRNGKey(1))
-    bcfg = train.BPTTConfig(step=step_cfg, rollout=relax.RolloutConfig(max_frames=k, stop_rms=0.0, remat=remat))
-    step = train.make_bptt_step(force_fn, relax.make_step_size_fn(step_cfg, norm), bcfg, tx)
+    bcfg = train.BPTTConfig(rollout=relax.RolloutConfig(max_frames=k, stop_rms=0.0, remat=remat))
+    trainer = train.make_bptt_trainer(force_fn, step_rule, bcfg, tx)
+    state = trainer.init(params, jax.random.PRNGKey(1))
     batch = si_batch(batch_size)
-    return step, state, batch, tx
+    return trainer.update, state, batch, tx
 
 
 def optimizer_flops(tx, params) -> float:
@@ -261,7 +262,7 @@ def bench_bptt(size: str, frames: list[int], remats: list[str], time_max: int, t
             print(json.dumps({k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in row.items()
                               if not isinstance(v, list)}), flush=True)
             rows.append(row)
-            del compiled
+            compiled = None  # free the executable before the next shape
             jax.clear_caches()
     # model FLOPs of rows compiled before the none row of the same K
     for r in rows:
@@ -315,6 +316,7 @@ def bench_grid(size: str, steps: int, k: int, batch_size: int, repeats: int, chu
     from bptt_mlip import losses
     from bptt_mlip.models import adapt as model
     from bptt_mlip.relax import scan as relax
+    from bptt_mlip.relax import step_rules
     from bptt_mlip.relax import grid as search
 
     _, norm = si_data()
@@ -327,12 +329,11 @@ def bench_grid(size: str, steps: int, k: int, batch_size: int, repeats: int, chu
     t0 = time.perf_counter()
     grid = search.make_grid_search(force_fn, rc).lower(params, batch, etas).compile()
     grid_compile = time.perf_counter() - t0
-    fixed = relax.StepConfig(kind="fixed")
-    ssf = relax.make_step_size_fn(fixed)
+    fixed = step_rules.FixedStep()  # its step size is the traced parameter eta, as in the grid search
 
     def single(p, b, eta):
         s = b.initial
-        res = relax.rollout(force_fn, ssf, {"model": p, "step": {"eta": eta}}, s, fixed, rc)
+        res = relax.rollout(force_fn, fixed, {"model": p, "step_rule": {"eta": eta}}, s, relax.FrameModifiers(), rc)
         return losses.delta_q(res.positions, b.target_positions, s.masses, s.mask)
 
     t0 = time.perf_counter()
@@ -365,18 +366,18 @@ def bench_throughput(size: str, batches: list[int], k: int, repeats: int) -> lis
 
     from bptt_mlip.models import adapt as model
     from bptt_mlip.relax import scan as relax
+    from bptt_mlip.relax import step_rules
 
     _, norm = si_data()
     cfg = model_config(size)
     force_fn = model.make_force_fn(cfg, norm)
-    fixed = relax.StepConfig(kind="fixed", init_step=0.05)
-    ssf = relax.make_step_size_fn(fixed)
-    params = {"model": model.init_params(cfg, jax.random.PRNGKey(0)), "step": relax.init_step_params(fixed)}
+    fixed = step_rules.FixedStep(0.05)
+    params = {"model": model.init_params(cfg, jax.random.PRNGKey(0)), "step_rule": fixed.init()}
     rc = relax.RolloutConfig(max_frames=k, stop_rms=0.0)
     rows = []
     for b in batches:
         batch = si_batch(b)
-        fn = jax.jit(lambda p, s: relax.rollout(force_fn, ssf, p, s, fixed, rc).positions)
+        fn = jax.jit(lambda p, s: relax.rollout(force_fn, fixed, p, s, relax.FrameModifiers(), rc).positions)
         compiled = fn.lower(params, batch.initial).compile()
         t = timed(lambda: _block(compiled(params, batch.initial)), repeats)
         atoms = int(batch.initial.mask.sum())
@@ -402,6 +403,7 @@ def bench_bf16(pretrain_epochs: int, n_structures: int, k: int, repeats: int, si
     from bptt_mlip.models import adapt as model
     from bptt_mlip.training import optim
     from bptt_mlip.relax import scan as relax
+    from bptt_mlip.relax import step_rules
     from bptt_mlip.training import steps as train
 
     trajs, norm = si_data()
@@ -410,7 +412,7 @@ def bench_bf16(pretrain_epochs: int, n_structures: int, k: int, repeats: int, si
     params = model.init_params(cfg32, jax.random.PRNGKey(0))
     t0 = time.perf_counter()
     pre_trajs = trajs[n_structures:]
-    from bptt_mlip.data.generator import subsample_frames
+    from bptt_mlip.data.curation import subsample_frames
 
     pre_trajs = [subsample_frames(t, 4) for t in pre_trajs]
     params, hist = loops.pretrain(
@@ -418,16 +420,15 @@ def bench_bf16(pretrain_epochs: int, n_structures: int, k: int, repeats: int, si
         epochs=pretrain_epochs, batch_size=32, optim_config=optim.OptimConfig(learning_rate=5e-4, clip_norm=1.0),
     )
     pretrain_s = time.perf_counter() - t0
-    fixed = relax.StepConfig(kind="fixed", init_step=0.05)
-    ssf = relax.make_step_size_fn(fixed)
-    p = {"model": params, "step": relax.init_step_params(fixed)}
+    fixed = step_rules.FixedStep(0.05)
+    p = {"model": params, "step_rule": fixed.init()}
     rc = relax.RolloutConfig(max_frames=k, stop_rms=1e-3)
     batch = si_batch(n_structures)
     s = batch.initial
     ends = {}
     for name, cfg in (("float32", cfg32), ("bfloat16", cfg16)):
         ff = model.make_force_fn(cfg, norm)
-        res = jax.jit(lambda p_, s_: relax.rollout(ff, ssf, p_, s_, fixed, rc))(p, s)
+        res = jax.jit(lambda p_, s_: relax.rollout(ff, fixed, p_, s_, relax.FrameModifiers(), rc))(p, s)
         ends[name] = res
     f32, b16 = ends["float32"], ends["bfloat16"]
     dq32 = np.asarray(losses.delta_q(f32.positions, batch.target_positions, s.masses, s.mask))
@@ -472,21 +473,23 @@ def bench_bf16_checkpoint(path: str, max_frames: int, batch_size: int) -> dict:
     import numpy as np
 
     from bptt_mlip import losses
-    from bptt_mlip.training import checkpoint
     from bptt_mlip.models import adapt as model
     from bptt_mlip.relax import scan as relax
+    from bptt_mlip.relax import step_rules
     from bptt_mlip.data import batching, load_default_dataset
+    from bptt_mlip.workflow import model_io
 
-    params, norm, meta = checkpoint.restore_model(path)
-    cfg32 = dataclasses.replace(checkpoint.adapt_config_from_dict(meta["model_config"]), matmul_dtype="float32")
-    step_cfg = checkpoint.step_config_from_dict(meta["step_config"])
-    ssf = relax.make_step_size_fn(step_cfg, norm)
+    cfg, norm, params, meta = model_io.load_model(path)
+    cfg32 = dataclasses.replace(cfg, matmul_dtype="float32")
+    step_rule, modifiers, step_params = step_rules.step_rule_from_checkpoint(
+        model_io.saved_step_rule(meta), params.get("step_rule"), norm)
+    params = {**params, "step_rule": step_params}
     rc = relax.RolloutConfig(max_frames=max_frames, stop_rms=1e-3)
     trajs = load_default_dataset("si_defects")
     runs = {}
     for name in ("float32", "bfloat16"):
         ff = model.make_force_fn(dataclasses.replace(cfg32, matmul_dtype=name), norm)
-        runs[name] = jax.jit(lambda p, s, ff=ff: relax.rollout(ff, ssf, p, s, step_cfg, rc))
+        runs[name] = jax.jit(lambda p, s, ff=ff: relax.rollout(ff, step_rule, p, s, modifiers, rc))
     rows: dict[str, list] = {}
     t = {"float32": 0.0, "bfloat16": 0.0}
     warm: set = set()

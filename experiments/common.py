@@ -1,23 +1,22 @@
-"""Flags and helpers shared by the experiment scripts (absl). Import defines the flags once."""
+"""Flags shared by the experiment scripts (absl; import defines them once) and the glue that
+hands their values to the library (data sets, splits, model files, run directories)."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
+import re
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from absl import flags, logging
 
-from bptt_mlip.training import checkpoint
+from bptt_mlip.data import curation, datasets
 from bptt_mlip.models import adapt as model
-from bptt_mlip.relax import scan as relax
-from bptt_mlip.data import curation, generator, readers
+from bptt_mlip.workflow import model_io, report
+from bptt_mlip.workflow.report import jsonable, markdown_table, write_json  # noqa: F401  (the scripts' writers)
+from experiments import configs
 
 FLAGS = flags.FLAGS
 
@@ -81,17 +80,16 @@ def define_pretrain_flags() -> None:
     flags.DEFINE_integer("pretrain_batch_size", 32, "Frames per pretraining batch.")
     flags.DEFINE_float("pretrain_lr", 5e-4, "Adam learning rate of pretraining (paper's ADAPT: 5e-5 for ~80 epochs).")
     flags.DEFINE_integer("pretrain_warmup_steps", 0, "Linear learning-rate warmup of pretraining over this many steps.")
-    flags.DEFINE_integer("pretrain_frame_stride", 1, "Use every k-th frame of each training trajectory for pretraining.")
+    flags.DEFINE_integer("pretrain_frame_stride", 1,
+                         "Use every k-th frame of each training trajectory for pretraining.")
     flags.DEFINE_bool("pretrain_augment_rotation", False, "Rotate every pretraining frame (and its forces) randomly.")
     flags.DEFINE_float("pretrain_augment_translation", 0.0, "Translate every pretraining frame by up to this many Å.")
 
 
 def load_pretrained(path: str):
-    """(config, normalizer, model_params) from a saved model checkpoint."""
-    saved, normalizer, meta = checkpoint.restore_model(path)
-    if "model_config" not in meta:
-        raise ValueError(f"{path}: checkpoint metadata has no model_config; was it written by bptt-mlip?")
-    return checkpoint.adapt_config_from_dict(meta["model_config"]), normalizer, saved["model"]
+    """(config, normalizer, model_params) of a saved model (see ``model_io.load_model``)."""
+    cfg, normalizer, params, _ = model_io.load_model(path)
+    return cfg, normalizer, params["model"]
 
 
 def pretrain_model(train_set, val, log, mesh=None):
@@ -99,23 +97,21 @@ def pretrain_model(train_set, val, log, mesh=None):
     import jax
 
     from bptt_mlip.training import loops
-    from bptt_mlip.training import optim
 
     if FLAGS.pretrained:
         cfg, normalizer, params = load_pretrained(FLAGS.pretrained)
         info(f"loaded pretrained model from {FLAGS.pretrained} ({cfg})")
         return cfg, normalizer, params, []
     cfg = model_config()
-    normalizer = loops.normalizer_from_trajectories(train_set)
+    normalizer = model.normalizer_from_trajectories(train_set)
     init = model.init_params(cfg, jax.random.PRNGKey(FLAGS.seed))
     pre_train = train_set
     if FLAGS.pretrain_frame_stride > 1:
-        pre_train = [generator.subsample_frames(t, FLAGS.pretrain_frame_stride) for t in train_set]
+        pre_train = [curation.subsample_frames(t, FLAGS.pretrain_frame_stride) for t in train_set]
     params, history = loops.pretrain(
         model.make_train_force_fn(cfg, normalizer), model.make_force_fn(cfg, normalizer), init, pre_train, val,
         epochs=FLAGS.pretrain_epochs, batch_size=FLAGS.pretrain_batch_size,
-        optim_config=optim.OptimConfig(learning_rate=FLAGS.pretrain_lr, clip_norm=1.0, freeze_step=True,
-                                       warmup_steps=FLAGS.pretrain_warmup_steps),
+        optim_config=configs.pretrain_optim_config(flag_values()),
         seed=FLAGS.seed, log=log, augment_rotation=FLAGS.pretrain_augment_rotation,
         augment_translation=FLAGS.pretrain_augment_translation, mesh=mesh,
     )
@@ -167,66 +163,11 @@ def quiet_libraries() -> None:
 
 
 def model_config() -> model.AdaptConfig:
-    return model.AdaptConfig(
-        d_model=FLAGS.d_model, d_ff=FLAGS.d_ff, num_heads=FLAGS.num_heads, num_layers=FLAGS.num_layers,
-        dropout=FLAGS.dropout, embed_hidden=FLAGS.embed_hidden, input_encoding=FLAGS.input_encoding,
-    )
+    return configs.model_config(flag_values())
 
 
-def rollout_config(**overrides) -> relax.RolloutConfig:
-    base = dict(max_frames=FLAGS.max_frames, stop_rms=FLAGS.stop_rms, remat=FLAGS.remat)
-    base.update(overrides)
-    return relax.RolloutConfig(**base)
-
-
-def _read_files(paths, skip_bad: bool, skipped: list):
-    """Read data files; with ``skip_bad`` a file that fails validation is retried trajectory by
-    trajectory (extxyz) or left out whole (other formats), each failure appended to ``skipped``."""
-    from bptt_mlip.data.trajectory import TrajectoryError, error_reason
-
-    out = []
-    for p in paths:
-        try:
-            out.extend(readers.read_trajectories([p]))
-            continue
-        except TrajectoryError as err:
-            if not skip_bad:
-                raise
-            first = err
-        if readers.guess_format(p) == "extxyz":
-            out.extend(_read_extxyz_per_trajectory(p, skipped))
-        else:
-            skipped.append({"where": str(p), "reason": error_reason(first), "message": str(first)})
-    return out
-
-
-def _read_extxyz_per_trajectory(path, skipped: list):
-    """Group an extxyz file's frames by ``traj_id`` as ``readers.read_extxyz`` does, keeping the
-    trajectories that validate and recording the others."""
-    import io
-    import warnings
-
-    import ase.io
-
-    from bptt_mlip.data.trajectory import TrajectoryError, error_reason
-
-    text = readers._read_text(Path(path))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        frames = ase.io.read(io.StringIO(text), index=":", format="extxyz")
-    groups: dict[str, list] = {}
-    for i, atoms in enumerate(frames):
-        key = atoms.info.get("traj_id")
-        key = readers._stem(Path(path)) if key is None else str(key)
-        groups.setdefault(key, []).append((int(atoms.info.get("frame", i)), atoms))
-    out = []
-    for key, items in groups.items():
-        items.sort(key=lambda q: q[0])
-        try:
-            out.append(readers.from_ase_frames([a for _, a in items], source=str(path), traj_id=key))
-        except TrajectoryError as err:
-            skipped.append({"where": f"{path} trajectory {key!r}", "reason": error_reason(err), "message": str(err)})
-    return out
+def rollout_config(**overrides):
+    return configs.rollout_config(flag_values(), **overrides)
 
 
 def load_trajectories(
@@ -238,71 +179,43 @@ def load_trajectories(
     max_trajectories: int | None = None,
     return_skipped: bool = False,
 ):
-    """Trajectories from a --dataset spec, validated and curated; logs the curation report.
+    """``datasets.load_dataset_spec`` of a --dataset spec, reporting on stdout; unset keyword
+    arguments take the flag values (--skip_bad_records, --min_atom_distance, --min_frames,
+    --max_trajectories). Returns ``(kept, report)``, or ``(kept, report, skipped)`` with
+    ``return_skipped``."""
+    load = datasets.load_dataset_spec(
+        spec,
+        skip_bad_records=FLAGS.skip_bad_records if skip_bad is None else skip_bad,
+        min_atom_distance=FLAGS.min_atom_distance if min_distance is None else min_distance,
+        min_frames=FLAGS.min_frames if min_frames is None else min_frames,
+        max_trajectories=FLAGS.max_trajectories if max_trajectories is None else max_trajectories,
+        report=info,
+    )
+    if return_skipped:
+        return load.trajectories, load.report, load.skipped
+    return load.trajectories, load.report
 
-    Every trajectory is checked (``trajectory.check_relaxation``: finite numbers, known
-    elements, consistent atom counts, at least 2 frames, no atoms closer than ``min_distance`` Å
-    in the first and last frames). An invalid one raises ``TrajectoryError`` naming file,
-    trajectory and frame, unless ``skip_bad`` (default --skip_bad_records), which leaves it out.
-    Returns ``(kept, report)``, or ``(kept, report, skipped)`` with ``return_skipped`` where
-    ``skipped`` is ``trajectory.skipped_summary(...)`` (count, reasons, records).
-    Unset keyword arguments take the flag values.
-    """
-    from bptt_mlip.data import trajectory
 
-    skip_bad = FLAGS.skip_bad_records if skip_bad is None else skip_bad
-    min_distance = FLAGS.min_atom_distance if min_distance is None else min_distance
-    min_frames = FLAGS.min_frames if min_frames is None else min_frames
-    max_trajectories = FLAGS.max_trajectories if max_trajectories is None else max_trajectories
-    skipped: list[dict] = []
-    if spec.startswith("default:"):
-        trajs = generator.load_default_dataset(spec.split(":", 1)[1])
-    elif Path(spec).is_dir():
-        trajs = generator.load_dataset(spec)
-    else:
-        paths = [p for p in spec.split(",") if p]
-        if not paths:
-            raise ValueError("--dataset is empty; give default:<name>, a dataset folder or data files")
-        missing = [p for p in paths if not Path(p).exists()]
-        if missing:
-            raise FileNotFoundError(f"--dataset: no such file(s): {missing}")
-        trajs = _read_files(paths, skip_bad, skipped)
-    good, bad = trajectory.check_relaxations(trajs, skip_bad=skip_bad, min_distance=min_distance)
-    skipped.extend(bad)
-    summary = trajectory.skipped_summary(skipped)
-    if skipped:
-        info(f"skipped {len(skipped)} invalid trajectories (--skip_bad_records): {summary['by_reason']}")
-        for rec in skipped:
-            info(f"  skipped [{rec['reason']}] {rec['message']}")
-    kept, report = curation.curate(good, min_frames=min_frames)
-    info(f"dataset {spec}: {report}")
-    if max_trajectories:
-        kept = kept[:max_trajectories]
-    if not kept:
-        raise ValueError(f"--dataset={spec}: no usable trajectories ({report}; {len(skipped)} skipped as invalid)")
-    return (kept, report, summary) if return_skipped else (kept, report)
+# argument of the split functions -> the flag that sets it
+SPLIT_FLAGS = {"num_test": "num_test", "num_val": "num_val", "folds": "cv_folds", "fold": "cv_fold"}
 
 
 def split(trajs):
-    """(test, val, train): by position, first num_test, next num_val, rest (paper appendix C.1);
-    with --cv_folds=k, test is fold --cv_fold of ``curation.kfold_splits`` and validation the
-    first --num_val of the remaining trajectories (in dataset order)."""
-    n_test, n_val = FLAGS.num_test, FLAGS.num_val
-    if FLAGS.cv_folds:
-        rest_idx, test_idx = curation.kfold_splits(len(trajs), FLAGS.cv_folds, FLAGS.cv_seed)[FLAGS.cv_fold]
-        if n_val >= len(rest_idx):
-            raise ValueError(f"--num_val={n_val} >= {len(rest_idx)} trajectories outside test fold {FLAGS.cv_fold}: "
-                             "no training data left")
-        rest = [trajs[i] for i in rest_idx]
-        return [trajs[i] for i in test_idx], rest[:n_val], rest[n_val:]
-    if n_test + n_val >= len(trajs):
-        raise ValueError(
-            f"--num_test={n_test} + --num_val={n_val} >= {len(trajs)} usable trajectories: no training data left; "
-            "lower --num_test / --num_val or add data"
-        )
-    test, rest = curation.split_test_train(trajs, n_test)
-    val, train = curation.split_test_train(rest, n_val)
-    return test, val, train
+    """(test, val, train): ``datasets.split_by_position`` by --num_test / --num_val, or with
+    --cv_folds ``datasets.split_fold`` (fold --cv_fold, seed --cv_seed); errors name the flags."""
+    try:
+        if FLAGS.cv_folds:
+            return datasets.split_fold(trajs, FLAGS.cv_folds, FLAGS.cv_fold, FLAGS.cv_seed, FLAGS.num_val)
+        return datasets.split_by_position(trajs, FLAGS.num_test, FLAGS.num_val)
+    except ValueError as err:
+        raise ValueError(as_flag_names(str(err), SPLIT_FLAGS)) from None
+
+
+def as_flag_names(message: str, flag_of: dict[str, str]) -> str:
+    """``message`` with every ``name=`` of an argument in ``flag_of`` written as ``--flag=``."""
+    for name, flag in flag_of.items():
+        message = re.sub(rf"(?<![-\w]){re.escape(name)}=", f"--{flag}=", message)
+    return message
 
 
 def prepare_workdir(workdir: str, overwrite: bool, resume: bool = False) -> Path:
@@ -321,7 +234,9 @@ def prepare_workdir(workdir: str, overwrite: bool, resume: bool = False) -> Path
         (d / "plots").mkdir(parents=True, exist_ok=True)
         return d
     if d.exists() and any(d.iterdir()) and not overwrite:
-        raise FileExistsError(f"run directory {d} exists and is not empty; pass --overwrite or choose another --workdir")
+        raise FileExistsError(
+            f"run directory {d} exists and is not empty; pass --overwrite or choose another --workdir"
+        )
     if d.exists() and overwrite:
         for sub in ("checkpoints", "plots"):
             shutil.rmtree(d / sub, ignore_errors=True)
@@ -340,75 +255,38 @@ def flag_values() -> dict[str, Any]:
     return out
 
 
-class MetricsWriter:
-    """Append-only JSON-lines metrics, one object per log call, flushed each time."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._fh = open(path, "a", buffering=1)
-        self.t0 = time.time()
-
-    def __call__(self, phase: str, step: int, metrics: dict) -> None:
-        row = {"phase": phase, "step": int(step), "time_s": round(time.time() - self.t0, 3), **_jsonable(metrics)}
-        self._fh.write(json.dumps(row) + "\n")
-        if phase != "bptt_step":
-            short = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
-            info(f"[{phase} {step}] {short}")
-
-    def close(self):
-        self._fh.close()
+def metrics_writer(path: Path) -> report.MetricsWriter:
+    """metrics.jsonl of a run, echoing each summary row as a progress line."""
+    return report.MetricsWriter(path, echo=info)
 
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, (np.floating, float)):
-        return float(x) if np.isfinite(x) else str(float(x))
-    if isinstance(x, (np.integer, int)) and not isinstance(x, bool):
-        return int(x)
-    if isinstance(x, (np.bool_, bool)):
-        return bool(x)
-    if dataclasses.is_dataclass(x):
-        return _jsonable(dataclasses.asdict(x))
-    return x
 
 
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=False))
-    os.replace(tmp, path)
+def step_rule_meta(step_rule, modifiers=None) -> dict:
+    """A step rule (with its per-frame modifiers) in the stored form ``model_io.save_model`` takes."""
+    if isinstance(step_rule, dict):
+        return step_rule
+    if hasattr(step_rule, "to_dict"):
+        from bptt_mlip.relax import scan, step_rules
+
+        return step_rules.step_rule_to_dict(step_rule, modifiers or scan.FrameModifiers())
+    from bptt_mlip.training import checkpoint
+
+    return checkpoint.config_to_dict(step_rule)
 
 
-def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        lines.append("| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |")
-    return "\n".join(lines)
+def save_model(path: Path, params, normalizer, cfg: model.AdaptConfig, step_rule, extra: dict, modifiers=None):
+    """``model_io.save_model`` with the step rule given as a rule object (or its stored dict)."""
+    return model_io.save_model(path, params, normalizer, cfg, step_rule_meta(step_rule, modifiers), extra)
 
 
-def save_model(path: Path, params, normalizer, cfg: model.AdaptConfig, step_cfg: relax.StepConfig, extra: dict):
-    """Save an evaluation-ready model checkpoint (orbax) with its configs."""
-    import jax
-    import optax
-
-    from bptt_mlip.training import steps as train
-
-    state = train.create_train_state(params, optax.identity(), jax.random.PRNGKey(0))
-    meta = {
-        "model_config": checkpoint.config_to_dict(cfg),
-        "step_config": checkpoint.config_to_dict(step_cfg),
-        **_jsonable(extra),
-    }
-    checkpoint.save_checkpoint(path, 0, state, normalizer, meta)
+def save_pretrained(workdir: Path, cfg: model.AdaptConfig, normalizer, model_params, history: list) -> Path:
+    """Save a pretrained model (no step rule trained yet: the default rule) as
+    ``<workdir>/checkpoints/pretrained``; returns that directory."""
+    path = workdir / "checkpoints" / "pretrained"
+    model_io.save_model(path, {"model": model_params, "step_rule": {}}, normalizer, cfg, {},
+                        {"role": "pretrained", "history": history})
+    return path
 
 
 def command_line() -> str:

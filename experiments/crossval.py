@@ -1,22 +1,19 @@
-"""k-fold cross-validated comparison of BPTT settings (issue 9): mean and spread over folds.
+"""k-fold cross-validated comparison of BPTT settings: mean and spread over folds.
 
     python -m experiments.crossval --base_flagfile=experiments/si_cpu.flags --cv_folds=3 \
         --cv_dir=runs/cv --variants=plain,force,augment --extra="--bptt_epochs=3"
 
 For every fold k of a seeded partition of the curated trajectories into ``--cv_folds`` parts:
+``base`` runs ``experiments.finetune --cv_fold=k --bptt_epochs=0`` (pretrains on the fold's
+training trajectories, grid-searches the fixed step on training data, evaluates that model at its
+best step on the held-out fold: the reference of every ratio); every variant then runs
+``experiments.finetune`` from that pretrained model and step with its flags. The test fold is
+never used for a choice.
 
-1. ``base``: ``experiments.finetune`` with ``--cv_fold=k --bptt_epochs=0``: pretrains a model on
-   the fold's training trajectories only, grid-searches the fixed step on training data, and
-   evaluates that pretrained model at its best grid step on the held-out fold (the reference
-   of every ratio). The test fold is never used for a choice.
-2. every variant: ``experiments.finetune`` from that fold's pretrained model and best step, with
-   the variant's flags; the best-validation model is evaluated on the held-out fold.
-
-Per variant and fold it reports test mean Dq, its ratio to the fold's pretrained model at the
-best grid step, the test force RMSE and its ratio to the pretrained model's, and how many test
-relaxations converged; then the mean and sample standard deviation over folds. Results go to
-``<cv_dir>/crossval.json`` and ``crossval.md``. A run directory that already holds
-results.json is reused, so an interrupted study continues where it stopped.
+Per variant and fold: test mean Dq and its ratio to the fold's reference, test force RMSE and its
+ratio, converged relaxations; then mean and sample standard deviation over folds, into
+``<cv_dir>/crossval.json`` and ``crossval.md``. A run directory that already holds results.json
+is reused, so an interrupted study continues where it stopped.
 """
 
 from __future__ import annotations
@@ -88,6 +85,24 @@ def _pm(mean, std, digits=3):
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+TABLE_HEAD = [("| variant | flags | folds | test Dq | Dq ratio | force RMSE (eV/Å) | force ratio | converged "
+               "| wall s/run |"), "|---|---|---|---|---|---|---|---|---|"]
+
+
+def summary_markdown(summary: list[dict], failed: list[str]) -> str:
+    """crossval.md: one row per variant (mean ± std over folds), then the failed runs."""
+    table = list(TABLE_HEAD)
+    for r in summary:
+        table.append(
+            f"| {r['variant']} | `{r['flags'] or '(none)'}` | {r['folds']} | {_pm(r['dq_mean'], r['dq_std'])} | "
+            f"{_pm(r['dq_ratio_mean'], r['dq_ratio_std'])} | {_pm(r['force_rmse_mean'], r['force_rmse_std'])} | "
+            f"{_pm(r['force_ratio_mean'], r['force_ratio_std'])} | {r['converged_total']}/{r['num_test_total']} | "
+            f"{r['wall_s_mean']:.0f} |"
+        )
+    text = "\n".join(table)
+    return text + ("\n\nFailed runs (see their logs): " + ", ".join(failed) if failed else "")
+
+
 def main(argv):
     del argv
     if FLAGS.cv_folds < 2:
@@ -126,20 +141,10 @@ def main(argv):
                         f"{row['force_ratio']:.3f}, converged {row['converged']}/{row['num_test']}")
     summary = [{"variant": v, "flags": " ".join(VARIANTS[v]), **summarize_folds(rows)}
                for v, rows in per_variant.items() if rows]
-    common.write_json(root / "crossval.json", {"command": common.command_line(), "folds": FLAGS.cv_folds, "folds_run": folds,
-                                               "per_fold": per_variant, "summary": summary, "failed": failed})
-    table = ["| variant | flags | folds | test Dq | Dq ratio | force RMSE (eV/Å) | force ratio | converged | wall s/run |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in summary:
-        table.append(
-            f"| {r['variant']} | `{r['flags'] or '(none)'}` | {r['folds']} | {_pm(r['dq_mean'], r['dq_std'])} | "
-            f"{_pm(r['dq_ratio_mean'], r['dq_ratio_std'])} | {_pm(r['force_rmse_mean'], r['force_rmse_std'])} | "
-            f"{_pm(r['force_ratio_mean'], r['force_ratio_std'])} | {r['converged_total']}/{r['num_test_total']} | "
-            f"{r['wall_s_mean']:.0f} |"
-        )
-    text = "\n".join(table)
-    if failed:
-        text += "\n\nFailed runs (see their logs): " + ", ".join(failed)
+    common.write_json(root / "crossval.json", {"command": common.command_line(), "folds": FLAGS.cv_folds,
+                                               "folds_run": folds, "per_fold": per_variant, "summary": summary,
+                                               "failed": failed})
+    text = summary_markdown(summary, failed)
     (root / "crossval.md").write_text(text + "\n")
     print(text)
     if failed:

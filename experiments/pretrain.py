@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import time
 
-import jax
 from absl import app, flags
 
-from experiments import common
-from bptt_mlip.training import evaluate
-from bptt_mlip.training import loops
-from bptt_mlip.models import adapt as model
-from bptt_mlip.training import optim
-from bptt_mlip.relax import scan as relax
 from bptt_mlip.data import batching
+from bptt_mlip.models import adapt as model
+from bptt_mlip.training import evaluate
+from experiments import common
 
 FLAGS = flags.FLAGS
 common.define_pretrain_flags()
@@ -29,7 +25,7 @@ def main(argv):
     common.quiet_libraries()
     mesh = common.setup_devices({"pretrain_batch_size": FLAGS.pretrain_batch_size})
     workdir = common.prepare_workdir(FLAGS.workdir, FLAGS.overwrite)
-    log = common.MetricsWriter(workdir / "metrics.jsonl")
+    log = common.metrics_writer(workdir / "metrics.jsonl")
     common.write_json(workdir / "config.json", {"command": common.command_line(), "flags": common.flag_values()})
     trajs, _ = common.load_trajectories(FLAGS.dataset)
     test, val, train_set = common.split(trajs)
@@ -37,8 +33,7 @@ def main(argv):
     cfg, normalizer, params, history = common.pretrain_model(train_set, val, log, mesh)
     ff = model.make_force_fn(cfg, normalizer)
     test_forces = evaluate.evaluate_forces(ff, params, batching.force_batches(test, FLAGS.pretrain_batch_size))
-    common.save_model(workdir / "checkpoints" / "pretrained", {"model": params, "step": {}}, normalizer, cfg,
-                      relax.StepConfig(), {"role": "pretrained", "history": history})
+    common.save_pretrained(workdir, cfg, normalizer, params, history)
     common.write_json(workdir / "results.json", {"test_forces": test_forces, "history": history,
                                                  "num_params": model.count_params(params), "wall_s": time.time() - t0})
     common.info(f"test force errors: {test_forces}")

@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from bptt_mlip.training import checkpoint
 from bptt_mlip.models import adapt as model
-from bptt_mlip.relax import scan as relax
+from bptt_mlip.relax import step_rules
 from bptt_mlip.training import steps as train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,13 +53,14 @@ def test_benchmark_bptt_and_grid_sections(tmp_path):
 
 def test_benchmark_bf16_checkpoint_section(tmp_path):
     cfg = model.TINY
-    step_cfg = relax.StepConfig(kind="fixed", init_step=0.01)
-    params = {"model": model.init_params(cfg, jax.random.PRNGKey(0)), "step": relax.init_step_params(step_cfg)}
-    state = train.create_train_state(params, optax.identity(), jax.random.PRNGKey(0))
+    step_rule = step_rules.FixedStep(0.01)
+    params = {"model": model.init_params(cfg, jax.random.PRNGKey(0)), "step_rule": step_rule.init()}
+    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optax.identity().init(params),
+                             key=jax.random.PRNGKey(0))
     ckpt = tmp_path / "ckpt"
     checkpoint.save_checkpoint(ckpt, 0, state, model.Normalizer.identity(),
                                {"model_config": checkpoint.config_to_dict(cfg),
-                                "step_config": checkpoint.config_to_dict(step_cfg)})
+                                "step_config": step_rules.step_rule_to_dict(step_rule)})
     out = tmp_path / "bench"
     proc = run_benchmark("--sections=bf16_checkpoint", f"--bf16_checkpoint={ckpt}", "--bf16_checkpoint_frames=2",
                          "--batch_size=64", f"--out_dir={out}")

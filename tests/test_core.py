@@ -11,12 +11,13 @@ import optax
 import pytest
 
 import bptt_mlip as bm
+from bptt_mlip.workflow import model_io
 from bptt_mlip import losses
 from bptt_mlip.training import checkpoint
 from bptt_mlip.training import optim
 from bptt_mlip.models import potentials
-from bptt_mlip.relax import scan as relax
-from bptt_mlip.training import steps as train
+from bptt_mlip import relax
+from bptt_mlip.models.step_head import NeuralStep
 
 
 def cluster(n: int, seed: int, spacing: float = 2.4, noise: float = 0.25) -> np.ndarray:
@@ -32,11 +33,12 @@ def si_batch(sizes=(5, 7), max_atoms=None, seed=0) -> bm.Structures:
 
 
 def morse_params(**kw):
-    return {"model": potentials.init_morse_params(**kw), "step": {"eta": jnp.asarray(0.05)}}
+    return {"model": potentials.init_morse_params(**kw), "step_rule": {"eta": jnp.asarray(0.05)}}
 
 
-FIXED = relax.StepConfig(kind="fixed", init_step=0.05)
-LEARN = relax.StepConfig(kind="learnable", init_step=0.05)
+FIXED = relax.FixedStep(0.05)
+LEARN = relax.LearnableStep(0.05)
+NO_MODIFIERS = relax.FrameModifiers()
 
 
 # ----------------------------------------------------------------------------- losses
@@ -129,9 +131,8 @@ def test_fourier_encoding_changes_inputs_and_needs_cell():
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
-def _loss_of(params, s, target, step_cfg=FIXED, rollout_cfg=relax.RolloutConfig(max_frames=6, stop_rms=1e-9)):
-    ssf = relax.make_step_size_fn(step_cfg)
-    res = relax.rollout(potentials.morse_force_fn, ssf, params, s, step_cfg, rollout_cfg)
+def _loss_of(params, s, target, step_rule=FIXED, rollout_cfg=relax.RolloutConfig(max_frames=6, stop_rms=1e-9)):
+    res = relax.rollout(potentials.morse_force_fn, step_rule, params, s, NO_MODIFIERS, rollout_cfg)
     return jnp.mean(losses.delta_q(res.positions, target, s.masses, s.mask))
 
 
@@ -149,10 +150,11 @@ def test_bptt_gradient_matches_central_finite_differences():
         leaves, treedef = jax.tree_util.tree_flatten(params)
         eps = 1e-6
         for i, (leaf, g) in enumerate(zip(leaves, jax.tree_util.tree_leaves(grads))):
-            bumped = lambda d: jax.tree_util.tree_unflatten(treedef, [l + d if j == i else l for j, l in enumerate(leaves)])
+            bumped = lambda d: jax.tree_util.tree_unflatten(
+                treedef, [leaf + d if j == i else leaf for j, leaf in enumerate(leaves)])
             fd = (loss_of(bumped(eps), s, target, LEARN) - loss_of(bumped(-eps), s, target, LEARN)) / (2 * eps)
             np.testing.assert_allclose(float(g), float(fd), rtol=1e-5, atol=1e-8)
-        assert abs(float(grads["step"]["eta"])) > 0
+        assert abs(float(grads["step_rule"]["eta"])) > 0
 
 
 def test_fixed_step_gets_no_gradient_learnable_does():
@@ -160,14 +162,16 @@ def test_fixed_step_gets_no_gradient_learnable_does():
     target = s.positions + 0.05
     g_fixed = jax.jit(jax.grad(_loss_of), static_argnums=(3, 4))(morse_params(), s, target, FIXED)
     g_learn = jax.jit(jax.grad(_loss_of), static_argnums=(3, 4))(morse_params(), s, target, LEARN)
-    assert float(g_fixed["step"]["eta"]) == 0.0 and float(g_learn["step"]["eta"]) != 0.0
+    assert float(g_fixed["step_rule"]["eta"]) == 0.0 and float(g_learn["step_rule"]["eta"]) != 0.0
+    assert not FIXED.trainable and LEARN.trainable
 
 
 @pytest.mark.parametrize("remat,seg", [("frame", 0), ("segment", 0), ("segment", 4)])
 def test_rematerialisation_gives_identical_gradients(remat, seg):
     s = si_batch()
     target = s.positions + 0.05
-    ref = jax.jit(jax.grad(_loss_of), static_argnums=(3, 4))(morse_params(), s, target, LEARN, relax.RolloutConfig(max_frames=11, stop_rms=1e-3))
+    rollout_config = relax.RolloutConfig(max_frames=11, stop_rms=1e-3)
+    ref = jax.jit(jax.grad(_loss_of), static_argnums=(3, 4))(morse_params(), s, target, LEARN, rollout_config)
     cfg = relax.RolloutConfig(max_frames=11, stop_rms=1e-3, remat=remat, segment_length=seg)
     got = jax.jit(jax.grad(_loss_of), static_argnums=(3, 4))(morse_params(), s, target, LEARN, cfg)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, ref)
@@ -179,9 +183,8 @@ def test_padded_structure_gives_same_rollout_loss_and_gradient():
     target = s.positions + 0.07
     target_p = jnp.pad(target, ((0, 0), (0, 4), (0, 0)))
     cfg = relax.RolloutConfig(max_frames=40, stop_rms=1e-3)
-    ssf = relax.make_step_size_fn(LEARN)
-    r = relax.rollout(potentials.morse_force_fn, ssf, morse_params(), s, LEARN, cfg)
-    rp = relax.rollout(potentials.morse_force_fn, ssf, morse_params(), sp, LEARN, cfg)
+    r = relax.rollout(potentials.morse_force_fn, LEARN, morse_params(), s, NO_MODIFIERS, cfg)
+    rp = relax.rollout(potentials.morse_force_fn, LEARN, morse_params(), sp, NO_MODIFIERS, cfg)
     np.testing.assert_allclose(np.asarray(rp.positions[:, :5]), np.asarray(r.positions), atol=1e-6)
     np.testing.assert_array_equal(np.asarray(rp.positions[:, 5:]), 0.0)
     assert int(r.num_frames[0]) == int(rp.num_frames[0])
@@ -194,18 +197,18 @@ def test_padded_structure_gives_same_rollout_loss_and_gradient():
 def test_frames_after_the_stop_change_nothing():
     s = si_batch((5, 6))
     target = s.positions + 0.05
-    ssf = relax.make_step_size_fn(LEARN)
     p = morse_params()
-    p["step"]["eta"] = jnp.asarray(0.02)
+    p["step_rule"]["eta"] = jnp.asarray(0.02)
     long_cfg = relax.RolloutConfig(max_frames=300, stop_rms=1e-3, return_trajectory=True)
-    r = relax.rollout(potentials.morse_force_fn, ssf, p, s, LEARN, long_cfg)
+    r = relax.rollout(potentials.morse_force_fn, LEARN, p, s, NO_MODIFIERS, long_cfg)
     assert bool(jnp.all(r.converged)), r.num_frames
     n = int(jnp.max(r.num_frames))
     assert n < 300 and int(jnp.min(r.num_frames)) < n
     # positions are frozen after each structure's stop
     for b in range(2):
         k = int(r.num_frames[b])
-        np.testing.assert_array_equal(np.asarray(r.trajectory[k:, b]), np.asarray(r.trajectory[k, b])[None].repeat(301 - k, 0))
+        frozen = np.asarray(r.trajectory[k, b])[None].repeat(301 - k, 0)
+        np.testing.assert_array_equal(np.asarray(r.trajectory[k:, b]), frozen)
     # a rollout cut exactly at the last stop has the same value and gradient
     vg = jax.jit(jax.value_and_grad(_loss_of), static_argnums=(3, 4))
     l1, g1 = vg(p, s, target, LEARN, relax.RolloutConfig(max_frames=n, stop_rms=1e-3))
@@ -217,7 +220,7 @@ def test_frames_after_the_stop_change_nothing():
 def test_frame_is_x_plus_eta_f():
     s = si_batch()
     p = morse_params()
-    new = relax.frame(potentials.morse_force_fn, relax.make_step_size_fn(FIXED), p, s)
+    new = relax.frame(potentials.morse_force_fn, FIXED, p, s)
     f = potentials.morse_force_fn(p["model"], s)
     np.testing.assert_allclose(np.asarray(new), np.asarray(s.positions + 0.05 * f), rtol=1e-6)
 
@@ -227,31 +230,31 @@ def test_descent_variants_momentum_anneal_noise_cap():
     mask = jnp.array([[True, False]])
     eta = jnp.array([0.5])
     prev = jnp.full((1, 2, 3), 2.0)
-    mom = relax.displacement(f, eta, mask, relax.StepConfig(momentum=0.05), prev)
+    mom = relax.displacement(f, eta, mask, relax.FrameModifiers(momentum=0.05), prev)
     np.testing.assert_allclose(np.asarray(mom[0, 0]), 0.5 + 0.1)
     np.testing.assert_array_equal(np.asarray(mom[0, 1]), 0.0)
-    capped = relax.displacement(f * 10, eta, mask, relax.StepConfig(max_displacement=0.2))
+    capped = relax.displacement(f * 10, eta, mask, relax.FrameModifiers(max_displacement=0.2))
     np.testing.assert_allclose(float(jnp.linalg.norm(capped[0, 0])), 0.2, rtol=1e-6)
     # annealing: the k-th frame's step is eta * 0.99^k; with F constant, displacement sums a geometric series
     s = si_batch((5,))
     const_force = lambda params, st: jnp.where(st.mask[..., None], 1.0, 0.0)
-    cfg = relax.StepConfig(init_step=0.1, anneal=0.99)
-    r = relax.rollout(const_force, relax.make_step_size_fn(cfg), {"model": {}, "step": {"eta": 0.1}}, s, cfg,
+    step_rule, no_params = relax.FixedStep(0.1), {"model": {}, "step_rule": {}}
+    r = relax.rollout(const_force, step_rule, no_params, s, relax.FrameModifiers(anneal=0.99),
                       relax.RolloutConfig(max_frames=10, stop_rms=0.0))
     np.testing.assert_allclose(np.asarray(r.positions - s.positions)[0, 0, 0], 0.1 * (1 - 0.99**10) / 0.01, rtol=1e-5)
     # noise needs a key and changes with the key
-    ncfg = relax.StepConfig(init_step=0.1, noise_std=0.01)
+    noisy = relax.FrameModifiers(noise_std=0.01)
     with pytest.raises(ValueError, match="needs a PRNG key"):
-        relax.rollout(const_force, relax.make_step_size_fn(ncfg), {"model": {}, "step": {"eta": 0.1}}, s, ncfg)
-    run = lambda k: relax.rollout(const_force, relax.make_step_size_fn(ncfg), {"model": {}, "step": {"eta": 0.1}}, s,
-                                  ncfg, relax.RolloutConfig(max_frames=3), key=jax.random.PRNGKey(k)).positions
+        relax.rollout(const_force, step_rule, no_params, s, noisy)
+    run = lambda k: relax.rollout(const_force, step_rule, no_params, s, noisy, relax.RolloutConfig(max_frames=3),
+                                  key=jax.random.PRNGKey(k)).positions
     assert not np.allclose(run(0), run(1)) and np.allclose(run(0), run(0))
 
 
 def test_diverging_rollout_is_flagged_and_frozen_finite():
     s = si_batch((5,))
     explode = lambda params, st: jnp.where(st.mask[..., None], 1e4, 0.0)
-    r = relax.rollout(explode, relax.make_step_size_fn(FIXED), {"model": {}, "step": {"eta": 0.05}}, s, FIXED,
+    r = relax.rollout(explode, FIXED, {"model": {}, "step_rule": {}}, s, NO_MODIFIERS,
                       relax.RolloutConfig(max_frames=5))
     assert bool(r.diverged[0]) and not bool(r.converged[0]) and int(r.num_frames[0]) == 0
     np.testing.assert_array_equal(np.asarray(r.positions), np.asarray(s.positions))
@@ -259,21 +262,20 @@ def test_diverging_rollout_is_flagged_and_frozen_finite():
 
 def test_neural_step_head_starts_at_init_step_and_is_trainable(tiny_adapt):
     cfg, params, norm = tiny_adapt
-    sc = relax.StepConfig(kind="neural", init_step=0.077)
-    sp = relax.init_step_params(sc, jax.random.PRNGKey(3))
-    ssf = relax.make_step_size_fn(sc, norm)
+    rule = NeuralStep(init_step=0.077, normalizer=norm)
+    sp = rule.init(jax.random.PRNGKey(3))
     s = si_batch((5, 7))
     f = potentials.morse_force_fn(potentials.init_morse_params(), s)
-    np.testing.assert_allclose(np.asarray(jax.jit(ssf)(sp, s, f)), 0.077, rtol=1e-6)
-    g = jax.jit(jax.grad(lambda p: jnp.sum(ssf(p, s, f))))(sp)
+    np.testing.assert_allclose(np.asarray(jax.jit(rule.apply)(sp, s, f)), 0.077, rtol=1e-6)
+    g = jax.jit(jax.grad(lambda p: jnp.sum(rule.apply(p, s, f))))(sp)
     assert float(optax.global_norm(g)) > 0
 
 
 def test_bounded_neural_step_head_starts_at_init_step_and_stays_below_its_cap(tiny_adapt):
     cfg, params, norm = tiny_adapt
-    sc = relax.StepConfig(kind="neural", init_step=0.05, head_max_scale=1.5)
-    sp = relax.init_step_params(sc, jax.random.PRNGKey(3))
-    ssf = relax.make_step_size_fn(sc, norm)
+    rule = NeuralStep(init_step=0.05, max_scale=1.5, normalizer=norm)
+    sp = rule.init(jax.random.PRNGKey(3))
+    ssf = rule.apply
     s = si_batch((5, 7))
     f = potentials.morse_force_fn(potentials.init_morse_params(), s)
     np.testing.assert_allclose(np.asarray(ssf(sp, s, f)), 0.05, rtol=1e-5)
@@ -282,8 +284,8 @@ def test_bounded_neural_step_head_starts_at_init_step_and_stays_below_its_cap(ti
     big["head"]["out"]["bias"] = big["head"]["out"]["bias"] + 50.0
     eta = np.asarray(ssf(big, s, f))
     assert np.all(eta <= 0.075 + 1e-7) and np.all(eta > 0.074)
-    with pytest.raises(ValueError, match="head_max_scale"):
-        relax.StepConfig(kind="neural", head_max_scale=0.5)
+    with pytest.raises(ValueError, match="max_scale"):
+        NeuralStep(max_scale=0.5)
 
 
 # ----------------------------------------------------------------------------- optimiser and training
@@ -317,22 +319,22 @@ def test_nonfinite_gradient_skips_update_and_is_counted():
 
 
 def test_freeze_model_trains_only_the_step():
-    tx = bm.make_optimizer(bm.OptimConfig(freeze_model=True, step_learning_rate=0.01))
+    tx = bm.make_optimizer(bm.OptimConfig(freeze_model=True, step_rule_learning_rate=0.01))
     params = morse_params()
     st = tx.init(params)
     g = jax.tree_util.tree_map(jnp.ones_like, params)
     upd, st = tx.update(g, st, params)
     new = optax.apply_updates(params, upd)
     assert float(new["model"]["depth"]) == float(params["model"]["depth"])
-    assert float(new["step"]["eta"]) != float(params["step"]["eta"])
+    assert float(new["step_rule"]["eta"]) != float(params["step_rule"]["eta"])
 
 
 def make_morse_task(n_struct=4, seed=0):
     """Reference relaxations from a 'true' Morse potential; the model starts from a wrong one."""
     sizes = (5, 6, 7, 8)[:n_struct]
     s = si_batch(sizes, seed=seed)
-    truth = {"model": potentials.init_morse_params(depth=0.6, r0=2.5, alpha=1.4), "step": {"eta": jnp.asarray(0.05)}}
-    ref = jax.jit(lambda p: relax.rollout(potentials.morse_force_fn, relax.make_step_size_fn(FIXED), p, s, FIXED,
+    truth = {"model": potentials.init_morse_params(depth=0.6, r0=2.5, alpha=1.4), "step_rule": {}}
+    ref = jax.jit(lambda p: relax.rollout(potentials.morse_force_fn, FIXED, p, s, NO_MODIFIERS,
                                           relax.RolloutConfig(max_frames=150, stop_rms=1e-5)))(truth)
     return bm.RelaxationBatch(s, ref.positions, jnp.ones(len(sizes)))
 
@@ -340,15 +342,15 @@ def make_morse_task(n_struct=4, seed=0):
 def test_bptt_finetunes_a_pair_potential_and_lowers_dq():
     batch = make_morse_task()
     params = morse_params(depth=0.5, r0=2.3, alpha=1.6)
-    cfg = bm.BPTTConfig(step=LEARN, rollout=relax.RolloutConfig(max_frames=40, stop_rms=1e-3))
-    tx = bm.make_optimizer(bm.OptimConfig(learning_rate=0.02, step_learning_rate=0.002, clip_norm=10.0))
-    state = bm.create_train_state(params, tx, jax.random.PRNGKey(0))
-    step = bm.make_bptt_step(potentials.morse_force_fn, relax.make_step_size_fn(LEARN), cfg, tx)
+    cfg = bm.BPTTConfig(rollout=relax.RolloutConfig(max_frames=40, stop_rms=1e-3))
+    tx = bm.make_optimizer(bm.OptimConfig(learning_rate=0.02, step_rule_learning_rate=0.002, clip_norm=10.0))
+    trainer = bm.make_bptt_trainer(potentials.morse_force_fn, LEARN, cfg, tx)
+    state = trainer.init(params, jax.random.PRNGKey(0))
     first = None
     for _ in range(40):
-        state, m = step(state, batch)
+        state, m = trainer.update(state, batch)
         first = float(m["dq"]) if first is None else first
-    _, m = step(state, batch)
+    _, m = trainer.update(state, batch)
     assert float(m["dq"]) < 0.5 * first, (first, float(m["dq"]))
     assert abs(float(state.params["model"]["r0"]) - 2.5) < abs(2.3 - 2.5)
 
@@ -357,14 +359,12 @@ def test_bptt_step_runs_for_adapt_with_every_step_kind(tiny_adapt):
     cfg, mp, norm = tiny_adapt
     batch = make_morse_task(2)
     ff = bm.make_force_fn(cfg, norm)
-    for kind in ("learnable", "neural"):
-        sc = relax.StepConfig(kind=kind, init_step=0.02)
-        params = {"model": mp, "step": relax.init_step_params(sc, jax.random.PRNGKey(1))}
+    for rule in (relax.LearnableStep(0.02), NeuralStep(0.02, normalizer=norm)):
+        params = {"model": mp, "step_rule": rule.init(jax.random.PRNGKey(1))}
         tx = bm.make_optimizer(bm.OptimConfig(learning_rate=1e-3))
-        state = bm.create_train_state(params, tx, jax.random.PRNGKey(0))
-        bcfg = bm.BPTTConfig(step=sc, rollout=relax.RolloutConfig(max_frames=4), random_stopping=True,
-                             frame_limit_range=(2, 4))
-        new, m = bm.make_bptt_step(ff, relax.make_step_size_fn(sc, norm), bcfg, tx)(state, batch)
+        bcfg = bm.BPTTConfig(rollout=relax.RolloutConfig(max_frames=4), random_stopping=True, frame_limit_range=(2, 4))
+        trainer = bm.make_bptt_trainer(ff, rule, bcfg, tx)
+        new, m = trainer.update(trainer.init(params, jax.random.PRNGKey(0)), batch)
         assert np.isfinite(float(m["loss"])) and int(new.step) == 1
         changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), new.params["model"], mp)
         assert any(jax.tree_util.tree_leaves(changed))
@@ -375,12 +375,12 @@ def test_pretrain_step_reduces_force_error(tiny_adapt):
     s = si_batch((5, 7))
     forces = potentials.morse_force_fn(potentials.init_morse_params(), s)
     batch = bm.ForceBatch(s, forces, jnp.ones(2))
-    tx = bm.make_optimizer(bm.OptimConfig(learning_rate=3e-3, freeze_step=True))
-    state = bm.create_train_state({"model": mp, "step": {}}, tx, jax.random.PRNGKey(0))
-    step = bm.make_pretrain_step(bm.make_train_force_fn(cfg, norm), tx)
+    tx = bm.make_optimizer(bm.OptimConfig(learning_rate=3e-3, freeze_step_rule=True))
+    trainer = bm.make_pretrain_trainer(bm.make_train_force_fn(cfg, norm), tx)
+    state = trainer.init({"model": mp, "step_rule": {}}, jax.random.PRNGKey(0))
     losses_seen = []
     for _ in range(30):
-        state, m = step(state, batch)
+        state, m = trainer.update(state, batch)
         losses_seen.append(float(m["loss"]))
     assert losses_seen[-1] < 0.5 * losses_seen[0]
 
@@ -396,8 +396,8 @@ def test_grid_search_equals_loop_of_single_rollouts():
     grid = bm.make_grid_search(potentials.morse_force_fn, cfg)(mp, batch, etas)
     chunked = bm.make_grid_search(potentials.morse_force_fn, cfg, chunk_size=3)(mp, batch, etas)
     for i, eta in enumerate(etas):
-        r = relax.rollout(potentials.morse_force_fn, relax.make_step_size_fn(FIXED), {"model": mp, "step": {"eta": eta}},
-                          batch.initial, FIXED, cfg)
+        r = relax.rollout(potentials.morse_force_fn, relax.FixedStep(float(eta)), {"model": mp, "step_rule": {}},
+                          batch.initial, NO_MODIFIERS, cfg)
         dq = losses.delta_q(r.positions, batch.target_positions, batch.initial.masses, batch.initial.mask)
         np.testing.assert_allclose(np.asarray(grid.dq[i]), np.asarray(dq), rtol=1e-5)
         np.testing.assert_array_equal(np.asarray(grid.num_frames[i]), np.asarray(r.num_frames))
@@ -407,20 +407,21 @@ def test_grid_search_equals_loop_of_single_rollouts():
 
 def test_checkpoint_round_trips_exactly(tmp_path, tiny_adapt):
     cfg, mp, norm = tiny_adapt
-    sc = relax.StepConfig(kind="learnable")
-    params = {"model": mp, "step": relax.init_step_params(sc)}
+    rule = relax.LearnableStep()
+    params = {"model": mp, "step_rule": rule.init()}
     tx = bm.make_optimizer(bm.OptimConfig(proximal_weight=0.1))
-    state = bm.create_train_state(params, tx, jax.random.PRNGKey(5))
+    trainer = bm.make_bptt_trainer(bm.make_force_fn(cfg, norm), rule, bm.BPTTConfig(), tx)
+    state = trainer.init(params, jax.random.PRNGKey(5))
     g = jax.tree_util.tree_map(jnp.ones_like, params)
     upd, opt_state = tx.update(g, state.opt_state, params)
     state = state.replace(params=optax.apply_updates(params, upd), opt_state=opt_state, step=state.step + 1)
     meta = {"model_config": checkpoint.config_to_dict(cfg), "note": "test"}
     checkpoint.save_checkpoint(tmp_path / "ckpt", 1, state, norm, meta)
-    fresh = bm.create_train_state(params, tx, jax.random.PRNGKey(0))
+    fresh = trainer.init(params, jax.random.PRNGKey(0))
     restored, meta2 = checkpoint.restore_state(tmp_path / "ckpt", fresh)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored, state)
     assert meta2["note"] == "test"
-    p2, n2, m3 = checkpoint.restore_model(tmp_path / "ckpt")
+    p2, n2, m3 = model_io.restore_model(tmp_path / "ckpt")
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), p2, state.params)
     np.testing.assert_array_equal(np.asarray(n2.force_std), np.asarray(norm.force_std))
-    assert checkpoint.adapt_config_from_dict(m3["model_config"]) == cfg
+    assert model_io.adapt_config_from_dict(m3["model_config"]) == cfg

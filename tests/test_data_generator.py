@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from bptt_mlip.data import generator, oracles
+from bptt_mlip.data import curation, generator, geometry, oracles, prototypes, store, tersoff
 from bptt_mlip.data.trajectory import mass_weighted_distance
 
 FAST = generator.RelaxSettings(fmax=0.1, max_steps=300)
@@ -69,6 +69,56 @@ def test_sw_neighbor_list_equals_jax_md_dense(sw):
     np.testing.assert_allclose(f1, f2, atol=1e-10)
 
 
+def _skewed_cell():
+    return np.array([[7.0, 0.0, 0.0], [2.1, 6.5, 0.0], [-1.3, 1.7, 7.2]])
+
+
+def test_minimum_image_equals_ase_find_mic_for_short_vectors():
+    from ase.geometry import find_mic
+
+    cell = _skewed_cell()
+    rng = np.random.default_rng(0)
+    short = rng.normal(scale=1.0, size=(400, 3))
+    short = short[np.linalg.norm(short, axis=1) < 0.5 * oracles.cell_widths(cell).min()]  # where rounding is exact
+    d = short + rng.integers(-2, 3, size=short.shape) @ cell  # plus whole-lattice jumps
+    expected, _ = find_mic(d, cell, pbc=True)
+    np.testing.assert_allclose(geometry.minimum_image(d, cell), expected, atol=1e-12)
+    shifts = geometry.lattice_shifts(d, cell)
+    np.testing.assert_array_equal(shifts, np.round(shifts))
+    np.testing.assert_allclose(d - shifts @ cell, expected, atol=1e-12)
+    # a non-periodic direction (here perpendicular to the periodic ones) is left alone
+    cell = np.array([[7.0, 0.0, 0.0], [0.0, 6.5, 0.0], [-1.3, 0.0, 7.2]])
+    jumps = rng.integers(-2, 3, size=short.shape) * np.array([1, 0, 1])
+    d = short + jumps @ cell + 3.0 * cell[1]  # three cells away along the open direction
+    partial, _ = find_mic(d, cell, pbc=(True, False, True))
+    np.testing.assert_allclose(geometry.minimum_image(d, cell, (True, False, True)), partial, atol=1e-12)
+
+
+def test_neighbor_indices_equal_ase_neighbor_list():
+    from ase.neighborlist import neighbor_list
+
+    a = _diamond()
+    a.positions += np.random.default_rng(2).normal(scale=0.2, size=a.positions.shape)
+    idx = geometry.neighbor_indices(a.positions, a.cell.array, oracles.SW_CUTOFF, capacity=4)
+    i, j = neighbor_list("ij", a, oracles.SW_CUTOFF)
+    n = len(a)
+    assert idx.shape[1] % 8 == 0 and idx.shape[1] >= np.bincount(i).max()
+    for atom in range(n):
+        row = idx[atom][idx[atom] < n]
+        assert row.tolist() == sorted(j[i == atom].tolist())
+        assert np.all(idx[atom][len(row):] == n)
+
+
+def test_pair_distances_minimum_image_and_open_boundaries():
+    cell = np.diag([5.0, 6.0, 7.0])
+    pos = np.array([[0.2, 0.0, 0.0], [4.9, 0.0, 0.0], [0.2, 3.0, 0.5]])
+    r = geometry.pair_distances(pos, cell, pbc=True)
+    assert r[0, 1] == pytest.approx(0.3) and np.isinf(r[0, 0])
+    np.testing.assert_allclose(r, r.T)
+    assert geometry.pair_distances(pos)[0, 1] == pytest.approx(4.7)  # no cell: plain distance
+    assert geometry.pair_distances(pos, cell, pbc=(False, True, True))[0, 1] == pytest.approx(4.7)
+
+
 def test_sw_forces_are_minus_energy_gradient(sw):
     a = _diamond()
     pos = a.positions + np.random.default_rng(1).normal(scale=0.1, size=a.positions.shape)
@@ -110,21 +160,21 @@ def test_chgnet_missing_gives_install_hint():
         pytest.skip("chgnet installed")
 
 
-@pytest.mark.parametrize("kind", generator.SI_DEFECT_KINDS)
+@pytest.mark.parametrize("kind", prototypes.SI_DEFECT_KINDS)
 def test_defect_structures_are_sensible(kind):
-    settings = generator.DefectSettings()
-    species, pos, cell, _ = generator.si_defect_structure(kind, np.random.default_rng(7), settings)
+    settings = prototypes.DefectSettings()
+    species, pos, cell, _ = prototypes.si_defect_structure(kind, np.random.default_rng(7), settings)
     delta = {"vacancy": -1, "divacancy": -2, "vacancy_pair": -2, "tetrahedral": 1, "hexagonal": 1,
              "split110": 1, "frenkel": 0, "di_interstitial": 2}[kind]
     assert len(species) == 64 + delta and pos.shape == (len(species), 3)
-    assert generator._pair_distances(pos, cell).min() >= settings.min_start_distance - 0.02
+    assert geometry.pair_distances(pos, cell, pbc=True).min() >= settings.min_start_distance - 0.02
 
 
 def test_relax_detects_explosion(sw):
     a = _diamond()
     pos = a.positions.copy()
     pos[1] = pos[0] + np.array([0.3, 0.0, 0.0])  # two atoms 0.3 Å apart
-    res = generator.relax(a.numbers, pos, a.cell.array, sw, generator.RelaxSettings(force_limit=50.0))
+    res = generator.relax_with_oracle(a.numbers, pos, a.cell.array, sw, generator.RelaxSettings(force_limit=50.0))
     assert res.exploded and not res.converged
 
 
@@ -147,22 +197,23 @@ def test_reseed_counts(sw):
 
 @pytest.fixture(scope="module")
 def tiny(sw, tmp_path_factory):
-    settings = generator.DefectSettings(kinds=("vacancy", "tetrahedral"))
+    settings = prototypes.DefectSettings(kinds=("vacancy", "tetrahedral"))
     out = {}
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
         trajs, stats = generator.generate_si_defects(2, seed, oracle=sw, defect_settings=settings, relax_settings=FAST)
         d = tmp_path_factory.mktemp(name)
-        m = generator.save_dataset(trajs, d, manifest=generator.make_manifest("si_defects", seed, 2, sw.name, {}, stats, 0.0))
+        manifest = generator.make_manifest("si_defects", seed, 2, sw.name, {}, stats, 0.0)
+        m = store.save_dataset(trajs, d, manifest=manifest)
         out[name] = (trajs, d, m)
     return out
 
 
 def test_generation_is_reproducible(tiny):
-    (ta, da, _), (tb, db, _), (tc, dc, _) = tiny["a"], tiny["b"], tiny["c"]
-    for name in (generator.CACHE_NAME, generator.EXTXYZ_NAME):
+    (_, da, _), (_, db, _), (_, dc, _) = tiny["a"], tiny["b"], tiny["c"]
+    for name in (store.CACHE_NAME, store.EXTXYZ_NAME):
         assert (da / name).read_bytes() == (db / name).read_bytes()
         assert (da / name).read_bytes() != (dc / name).read_bytes()
-    assert (da / generator.MANIFEST_NAME).read_bytes() == (db / generator.MANIFEST_NAME).read_bytes()
+    assert (da / store.MANIFEST_NAME).read_bytes() == (db / store.MANIFEST_NAME).read_bytes()
 
 
 def test_relaxed_frames_and_every_frame_recorded(tiny):
@@ -181,7 +232,7 @@ def test_relaxed_frames_and_every_frame_recorded(tiny):
 
 def test_load_dataset_prefers_cache_and_checks_it(tiny, tmp_path):
     trajs, d, _ = tiny["a"]
-    loaded = generator.load_dataset(d)
+    loaded = store.load_dataset(d)
     assert [t.traj_id for t in loaded] == [t.traj_id for t in trajs]
     for x, y in zip(loaded, trajs):
         np.testing.assert_allclose(x.positions, y.positions, atol=1e-5)  # float32 cache
@@ -192,17 +243,17 @@ def test_load_dataset_prefers_cache_and_checks_it(tiny, tmp_path):
     import shutil
 
     shutil.copytree(d, tmp_path / "copy")
-    (tmp_path / "copy" / generator.CACHE_NAME).write_bytes(b"garbage")
-    again = generator.load_dataset(tmp_path / "copy")
+    (tmp_path / "copy" / store.CACHE_NAME).write_bytes(b"garbage")
+    again = store.load_dataset(tmp_path / "copy")
     assert again[0].source.endswith(".extxyz.gz")
     np.testing.assert_allclose(again[1].positions, trajs[1].positions, atol=1e-6)
-    (tmp_path / "copy" / generator.EXTXYZ_NAME).unlink()
+    (tmp_path / "copy" / store.EXTXYZ_NAME).unlink()
     with pytest.raises(ValueError, match="hash differs"):
-        generator.load_dataset(tmp_path / "copy")
+        store.load_dataset(tmp_path / "copy")
 
 
 def test_crystals_tiny():
-    settings = generator.CrystalSettings(min_width=6.0, max_atoms=64)
+    settings = prototypes.CrystalSettings(min_width=6.0, max_atoms=64)
     trajs, stats = generator.generate_crystals(1, 0, oracles=[oracles.EMTOracle()], crystal_settings=settings,
                                                relax_settings=FAST)
     (t,) = trajs
@@ -212,7 +263,7 @@ def test_crystals_tiny():
 
 def test_subsample_keeps_first_and_last(tiny):
     t = tiny["a"][0][0]
-    s = generator.subsample_frames(t, 4)
+    s = curation.subsample_frames(t, 4)
     np.testing.assert_array_equal(s.positions[0], t.positions[0])
     np.testing.assert_array_equal(s.positions[-1], t.positions[-1])
     assert s.num_frames == len(range(0, t.num_frames, 4)) + (1 if (t.num_frames - 1) % 4 else 0)
@@ -220,11 +271,11 @@ def test_subsample_keeps_first_and_last(tiny):
 
 @pytest.mark.parametrize("name", ["si_defects", "crystals"])
 def test_default_dataset(name):
-    base = generator.default_dataset_dir()
-    if not (base / name / generator.MANIFEST_NAME).is_file():
+    base = store.default_dataset_dir()
+    if not (base / name / store.MANIFEST_NAME).is_file():
         pytest.skip(f"shipped dataset {name} not generated")
-    manifest = json.loads((base / name / generator.MANIFEST_NAME).read_text())
-    trajs = generator.load_default_dataset(name)
+    manifest = json.loads((base / name / store.MANIFEST_NAME).read_text())
+    trajs = store.load_default_dataset(name)
     assert len(trajs) == manifest["statistics"]["num_trajectories"]
     assert sum(t.num_frames for t in trajs) == manifest["stored"]["num_frames"]
     fmax = manifest["settings"]["relax"]["fmax"]
@@ -235,7 +286,7 @@ def test_default_dataset(name):
 
 def test_unknown_default_dataset():
     with pytest.raises(FileNotFoundError, match="no shipped dataset"):
-        generator.load_default_dataset("nope")
+        store.load_default_dataset("nope")
 
 
 def test_tersoff_sic_matches_ase_and_lattices(tersoff_sic):
@@ -253,7 +304,7 @@ def test_tersoff_sic_matches_ase_and_lattices(tersoff_sic):
     atoms = _diamond()
     atoms.numbers[[0, 5, 17]] = 6
     atoms.positions += np.random.default_rng(4).normal(scale=0.08, size=atoms.positions.shape)
-    params = {k: dict(zip(oracles._TERSOFF_COLUMNS, v)) for k, v in oracles.TERSOFF_SIC_1989.items()}
+    params = {k: dict(zip(tersoff.TERSOFF_COLUMNS, v)) for k, v in tersoff.TERSOFF_SIC_1989.items()}
     ase_params = {
         k: __import__("ase.calculators.tersoff", fromlist=["TersoffParameters"]).TersoffParameters(
             A=p["A"], B=p["B"], lambda1=p["lam1"], lambda2=p["lam2"], lambda3=p["lam3"], beta=p["beta"],
@@ -266,30 +317,30 @@ def test_tersoff_sic_matches_ase_and_lattices(tersoff_sic):
     np.testing.assert_allclose(f, atoms.get_forces(), atol=1e-8)
 
 
-@pytest.mark.parametrize("kind", generator.SI_C_DEFECT_KINDS)
+@pytest.mark.parametrize("kind", prototypes.SI_C_DEFECT_KINDS)
 def test_carbon_defects_need_carbon_oracle(kind, sw):
-    settings = generator.DefectSettings(kinds=(kind,))
+    settings = prototypes.DefectSettings(kinds=(kind,))
     with pytest.raises(ValueError, match="covering C"):
-        generator.resolve_kinds(settings, sw)
+        prototypes.resolve_kinds(settings, sw)
     carbon = oracles.Oracle()
     carbon.elements = (6, 14)
-    assert generator.resolve_kinds(settings, carbon) == (kind,)
-    species, pos, cell, _ = generator.si_defect_structure(kind, np.random.default_rng(0), settings)
+    assert prototypes.resolve_kinds(settings, carbon) == (kind,)
+    species, pos, cell, _ = prototypes.si_defect_structure(kind, np.random.default_rng(0), settings)
     n_c = {"substitution_C": 1, "vacancy_C": 1, "di_substitution_C": 2}[kind]
     assert (species == 6).sum() == n_c and len(species) == 64 - (kind == "vacancy_C")
 
 
 def test_shipped_si_defects_reproducible_from_manifest(sw):
-    base = generator.default_dataset_dir() / "si_defects"
-    if not (base / generator.MANIFEST_NAME).is_file():
+    base = store.default_dataset_dir() / "si_defects"
+    if not (base / store.MANIFEST_NAME).is_file():
         pytest.skip("shipped dataset si_defects not generated")
-    m = json.loads((base / generator.MANIFEST_NAME).read_text())
+    m = json.loads((base / store.MANIFEST_NAME).read_text())
     ds = m["settings"]["defects"]
-    ds = generator.DefectSettings(**{**ds, "sigma_range": tuple(ds["sigma_range"]), "kinds": tuple(ds["kinds"])})
+    ds = prototypes.DefectSettings(**{**ds, "sigma_range": tuple(ds["sigma_range"]), "kinds": tuple(ds["kinds"])})
     rs = generator.RelaxSettings(**m["settings"]["relax"])
     (fresh,), _ = generator.generate_si_defects(1, m["seed"], oracle=sw, defect_settings=ds, relax_settings=rs)
-    fresh = generator.subsample_frames(fresh, m["stored"]["frame_stride"])
-    shipped = generator.load_default_dataset("si_defects")[0]
+    fresh = curation.subsample_frames(fresh, m["stored"]["frame_stride"])
+    shipped = store.load_default_dataset("si_defects")[0]
     assert shipped.traj_id == fresh.traj_id
     # Positions and forces are stored in float32 and must match bit for bit. Energies are stored
     # in float64: XLA's CPU reductions are not ordered identically on every x86 machine (the

@@ -110,3 +110,50 @@ def test_every_shipped_flagfile_parses_and_passes_the_flag_checks():
     )
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "FLAGFILES_OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_config_problems_name_the_flags_of_what_a_config_refuses():
+    from experiments import common, configs, finetune
+
+    base = common.flag_values()
+    assert configs.config_problems(base) == []
+    cases = {  # flag values -> flags named, text of the config's own check
+        "--dq_weight=0.0, --force_weight=0.0: BPTTConfig: dq_weight and force_weight are both 0":
+            dict(dq_weight=0.0, force_weight=0.0),
+        "--augment_translation=-1.0": dict(augment_translation=-1.0),
+        "--max_frames=0: max_frames must be >= 1": dict(max_frames=0),
+        "--head_max_scale=0.5: NeuralStep.max_scale must be 0 (unbounded) or > 1":
+            dict(step_kind="neural", head_max_scale=0.5),
+        "--momentum=-1.0": dict(momentum=-1.0),
+        "--d_model=10, --num_heads=4: d_model=10 is not divisible by num_heads=4": dict(d_model=10),
+    }
+    for message, change in cases.items():
+        problems = finetune.flag_problems({**base, **change})
+        assert any(message in p for p in problems), (message, problems)
+    # a loaded model brings its architecture: the model flags are not checked then
+    assert configs.config_problems({**base, "d_model": 10, "pretrained": "somewhere"}) == []
+
+
+def test_config_builders_follow_the_flags():
+    from experiments import common, configs
+
+    v = {**common.flag_values(), "d_model": 32, "max_frames": 9, "remat": "none", "step_kind": "learnable",
+         "init_step": 0.0, "init_step_scale": 0.5, "bptt_lr": 3e-4}
+    assert configs.model_config(v).d_model == 32
+    rollout = configs.rollout_config(v, stop_rms=1e-4)
+    assert (rollout.max_frames, rollout.remat, rollout.stop_rms) == (9, "none", 1e-4)
+    assert configs.step_rule_settings(v, base_step=0.04)["init_step"] == 0.02  # best grid step x scale
+    assert configs.step_rule_settings({**v, "init_step": 0.1}, base_step=0.04)["init_step"] == 0.05
+    assert configs.bptt_settings(v)["frame_limit_range"] == (9, 9)
+    opt = configs.bptt_optim_config(v)
+    assert opt.learning_rate == 3e-4 and not opt.freeze_step_rule
+
+
+def test_split_errors_are_translated_to_flag_names():
+    from experiments import common
+
+    msg = "num_test=6 + num_val=4 >= 10 usable trajectories: no training data left; lower num_test / num_val"
+    assert common.as_flag_names(msg, common.SPLIT_FLAGS) == (
+        "--num_test=6 + --num_val=4 >= 10 usable trajectories: no training data left; lower num_test / num_val")
+    assert common.as_flag_names("fold=3 must be in 0..2 (folds=3)", common.SPLIT_FLAGS) == (
+        "--cv_fold=3 must be in 0..2 (--cv_folds=3)")

@@ -90,7 +90,7 @@ def ase_fire(atoms: Atoms, config: fire.FireConfig) -> tuple[np.ndarray, int, bo
 
 def check_against_ase(traj_b, state, b, ref_frames, ref_nsteps, ref_conv, n_atoms):
     """Frames of structure b agree with ASE, then repeat the final frame; padding never moves."""
-    assert int(state.n_steps[b]) == ref_nsteps
+    assert int(state.num_frames[b]) == ref_nsteps
     assert bool(state.converged[b]) == ref_conv
     traj_b = np.asarray(traj_b)
     err = np.max(np.abs(traj_b[: ref_nsteps + 1, :n_atoms] - ref_frames))
@@ -139,10 +139,10 @@ def test_matches_ase_fire_lennard_jones_batch(config):
         else:
             assert ref_conv and ref_nsteps > 2 * config.n_min
         errs.append(check_against_ase(traj[:, b], state, b, ref_frames, ref_nsteps, ref_conv, len(p)))
-    print(f"LJ {config}: n_steps={np.asarray(state.n_steps)}, max |dx| vs ASE={max(errs):.2e}")
+    print(f"LJ {config}: n_steps={np.asarray(state.num_frames)}, max |dx| vs ASE={max(errs):.2e}")
 
     # The all-padding row is converged at once and never steps.
-    assert bool(state.converged[2]) and int(state.n_steps[2]) == 0
+    assert bool(state.converged[2]) and int(state.num_frames[2]) == 0
     np.testing.assert_array_equal(np.asarray(traj[:, 2]), np.broadcast_to(pos[2], traj[:, 2].shape))
     np.testing.assert_array_equal(np.asarray(state.velocities)[~mask], 0.0)
     np.testing.assert_array_equal(np.asarray(state.forces)[~mask], 0.0)
@@ -152,8 +152,9 @@ def test_matches_ase_fire_lennard_jones_batch(config):
     # The while_loop path (no trajectory) ends in the same state.
     state_w, none = relax(force_fn, jnp.asarray(pos), mask_j, config)
     assert none is None
-    for field in ("positions", "velocities", "dt", "a", "n_pos", "converged", "n_steps"):
-        np.testing.assert_array_equal(np.asarray(getattr(state_w, field)), np.asarray(getattr(state, field)), err_msg=field)
+    for field in ("positions", "velocities", "dt", "a", "n_pos", "converged", "num_frames"):
+        np.testing.assert_array_equal(np.asarray(getattr(state_w, field)), np.asarray(getattr(state, field)),
+                                      err_msg=field)
 
 
 def test_padded_batch_equals_unpadded_alone():
@@ -176,7 +177,7 @@ def test_padded_batch_equals_unpadded_alone():
     np.testing.assert_array_equal(np.asarray(batch.positions)[~mask], pos[~mask])
     for b, p in enumerate(starts):
         alone, _ = run(jnp.asarray(p)[None], jnp.ones((1, len(p)), bool))
-        assert int(alone.n_steps[0]) == int(batch.n_steps[b]) > 0
+        assert int(alone.num_frames[0]) == int(batch.num_frames[b]) > 0
         assert bool(alone.converged[0]) and bool(batch.converged[b])
         np.testing.assert_allclose(np.asarray(batch.positions[b, : len(p)]), np.asarray(alone.positions[0]),
                                    rtol=0, atol=1e-12)
@@ -202,10 +203,10 @@ def test_converged_structures_are_frozen_and_step_is_jittable():
     for _ in range(5):
         states.append(step(states[-1]))
     for s in states[1:]:
-        for field in ("positions", "velocities", "forces", "dt", "a", "n_pos", "converged", "n_steps"):
+        for field in ("positions", "velocities", "forces", "dt", "a", "n_pos", "converged", "num_frames"):
             np.testing.assert_array_equal(np.asarray(getattr(s, field))[0], np.asarray(getattr(s0, field))[0])
     # The unconverged one took exactly max_steps steps, then froze, and reports converged=False.
-    assert [int(s.n_steps[1]) for s in states] == [0, 1, 2, 3, 3, 3]
+    assert [int(s.num_frames[1]) for s in states] == [0, 1, 2, 3, 3, 3]
     assert not bool(states[-1].converged[1])
     np.testing.assert_array_equal(np.asarray(states[-1].positions), np.asarray(states[3].positions))
     # First step mirrors ASE (vel=None -> v=0): dt/a/n_pos untouched, v = dt F, dx = dt^2 F.
@@ -228,7 +229,7 @@ def test_maxstep_clips_whole_displacement_norm_and_zero_force_is_safe():
     np.testing.assert_allclose(np.linalg.norm(dr), 0.2, rtol=1e-14)
     np.testing.assert_allclose(dr, 0.2 * f[0] / np.linalg.norm(f[0]), rtol=1e-14)
     assert np.linalg.norm(dr[0]) < 0.19  # a per-atom clip would give 0.2 for each atom
-    assert np.asarray(state.n_steps).tolist() == [3, 3] and not np.any(np.asarray(state.converged))
+    assert np.asarray(state.num_frames).tolist() == [3, 3] and not np.any(np.asarray(state.converged))
     assert np.all(np.isfinite(np.asarray(traj))) and np.all(np.isfinite(np.asarray(state.velocities)))
     np.testing.assert_array_equal(np.asarray(traj[:, 1]), 0.0)
 
@@ -262,3 +263,61 @@ def test_matches_ase_fire_emt_copper():
                         config, return_trajectory=True)
     err = check_against_ase(traj[:, 0], state, 0, ref_frames, ref_nsteps, ref_conv, n)
     print(f"EMT Cu{n}: n_steps={ref_nsteps}, max |dx| vs ASE={err:.2e}")
+
+
+# --- the cached runner for a model's force_fn(params, structures), and the FIRE table ------------
+
+
+def _lj_model(scale, structures):
+    """A ``force_fn(params, structures)``: Lennard-Jones forces times the parameter ``scale``."""
+    return scale * lj_forces(structures.positions, structures.mask)
+
+
+def test_make_fire_runner_is_cached_and_equals_fire_relax():
+    import bptt_mlip as bm
+
+    config = fire.FireConfig(fmax=0.02, max_steps=120)
+    assert fire.make_fire_runner(_lj_model, config) is fire.make_fire_runner(_lj_model, config)
+    s = bm.from_arrays([["Si"] * 6, ["Si"] * 4], [cluster(6, 5), cluster(4, 6)], max_atoms=8)
+    end = fire.make_fire_runner(_lj_model, config)(1.0, s)
+    state, _ = relax(lambda x: lj_forces(x, s.mask), s.positions, s.mask, config)
+    for field in ("positions", "num_frames", "converged"):
+        np.testing.assert_array_equal(np.asarray(getattr(end.state, field)), np.asarray(getattr(state, field)))
+    f = np.asarray(end.state.forces, np.float64)
+    by_hand = [np.linalg.norm(f[b, : n], axis=-1).max() for b, n in enumerate((6, 4))]
+    np.testing.assert_allclose(np.asarray(end.max_force), by_hand, rtol=1e-6)
+    assert not np.any(np.asarray(end.diverged)) and end.trajectory is None
+    blown = fire.make_fire_runner(lambda p, st: jnp.full_like(st.positions, jnp.nan), config)(1.0, s)
+    assert np.all(np.asarray(blown.diverged))
+
+
+def test_fire_table_drops_padding_rows_and_equals_each_structure_alone():
+    from bptt_mlip import losses
+    from bptt_mlip.data.trajectory import make_trajectory
+    from bptt_mlip.training import evaluate
+
+    config = fire.FireConfig(fmax=0.02, max_steps=150)
+    sizes = (6, 4, 5)
+    trajs = [make_trajectory([14] * n, np.stack([cluster(n, 10 + i), cluster(n, 10 + i, rattle=0.0)]),
+                             traj_id=f"c{i}") for i, n in enumerate(sizes)]
+    summary, per = evaluate.fire_table(_lj_model, 1.0, trajs, config, batch_size=2, buckets=(8,))
+    assert per["dq"].shape == (3,) and summary["num_structures"] == 3  # the padding row of batch 2 is gone
+    assert evaluate.make_fire_eval(_lj_model, config) is evaluate.make_fire_eval(_lj_model, config)
+    by_id = {}
+    for t in trajs:  # each alone, unpadded, in its own batch of one
+        s = bm_structures(t)
+        state, _ = relax(lambda x, s=s: lj_forces(x, s.mask), s.positions, s.mask, config)
+        target = jnp.asarray(t.positions[-1], s.positions.dtype)[None]
+        dq = losses.delta_q(state.positions, target, s.masses, s.mask)
+        by_id[t.traj_id] = (int(state.num_frames[0]), float(dq[0]))
+    # relaxation_batches keeps the order within a bucket: c0, c1 | c2
+    for k, t in enumerate(trajs):
+        frames, dq = by_id[t.traj_id]
+        assert int(per["num_frames"][k]) == frames
+        assert per["dq"][k] == pytest.approx(dq, rel=1e-5)
+
+
+def bm_structures(traj):
+    import bptt_mlip as bm
+
+    return bm.from_arrays([traj.species], [traj.positions[0]])

@@ -19,10 +19,10 @@ import pytest
 import bptt_mlip as bm
 from bptt_mlip.models import adapt as model
 from bptt_mlip.training import optim
-from bptt_mlip.relax import scan as relax
+from bptt_mlip import relax
 from bptt_mlip.training import steps as train
 from bptt_mlip.data import batching
-from bptt_mlip.data.generator import load_default_dataset
+from bptt_mlip.data.store import load_default_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,7 +56,7 @@ def two_bucket_trajs():
 
 def _tiny_setup(trajs, max_frames=2):
     cfg = model.TINY
-    norm = bm.loops.normalizer_from_trajectories(trajs)
+    norm = bm.models.adapt.normalizer_from_trajectories(trajs)
     calls = {"n": 0}
     inner = model.make_force_fn(cfg, norm)
 
@@ -64,37 +64,38 @@ def _tiny_setup(trajs, max_frames=2):
         calls["n"] += 1  # Python side effect: runs only while tracing
         return inner(p, s)
 
-    step_cfg = relax.StepConfig(kind="learnable", init_step=0.03)
-    params = {"model": model.init_params(cfg, jax.random.PRNGKey(0)), "step": relax.init_step_params(step_cfg)}
+    step_rule = relax.LearnableStep(0.03)
+    params = {"model": model.init_params(cfg, jax.random.PRNGKey(0)), "step_rule": step_rule.init()}
     tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-4, clip_norm=1.0))
-    bcfg = train.BPTTConfig(step=step_cfg, rollout=relax.RolloutConfig(max_frames=max_frames, stop_rms=1e-3, remat="frame"))
-    return force_fn, calls, step_cfg, params, tx, bcfg, norm
+    bcfg = train.BPTTConfig(rollout=relax.RolloutConfig(max_frames=max_frames, stop_rms=1e-3, remat="frame"))
+    return force_fn, calls, step_rule, params, tx, bcfg, norm
 
 
 def test_bptt_step_and_evaluation_compile_once_per_bucket(two_bucket_trajs):
     trajs = two_bucket_trajs
     buckets = (64, 72)
-    force_fn, calls, step_cfg, params, tx, bcfg, norm = _tiny_setup(trajs)
-    ssf = relax.make_step_size_fn(step_cfg, norm)
-    step = train.make_bptt_step(force_fn, ssf, bcfg, tx)
-    eval_run = bm.evaluate.make_relax_eval(force_fn, ssf, step_cfg, dataclasses.replace(bcfg.rollout, remat="none"))
-    state = train.create_train_state(params, tx, jax.random.PRNGKey(1))
+    force_fn, calls, step_rule, params, tx, bcfg, norm = _tiny_setup(trajs)
+    trainer = train.make_bptt_trainer(force_fn, step_rule, bcfg, tx)
+    update = trainer.update
+    eval_run = bm.evaluate.make_relax_eval(force_fn, step_rule, bcfg.modifiers,
+                                           dataclasses.replace(bcfg.rollout, remat="none"))
+    state = trainer.init(params, jax.random.PRNGKey(1))
     traces_after_epoch = []
     with count_compiles() as compiles:
         for epoch in range(2):
             shapes = set()
             for batch in batching.relaxation_batches(trajs, 2, buckets=buckets, shuffle_key_or_seed=epoch):
                 shapes.add(batch.initial.positions.shape)
-                state, m = step(state, batch)
+                state, m = update(state, batch)
                 float(m["loss"])
             for batch in batching.relaxation_batches(trajs, 2, buckets=buckets):
                 eval_run(state.params, batch, jax.random.PRNGKey(0))
             assert shapes == {(2, 64, 3), (2, 72, 3)}
             traces_after_epoch.append(calls["n"])
     # one executable per bucket shape for each jitted function
-    assert step._cache_size() == 2
+    assert update._cache_size() == 2
     assert eval_run._cache_size() == 2
-    assert compiles["jit(bptt_step)"] == 2, compiles
+    assert compiles["jit(bptt_update)"] == 2, compiles
     assert compiles["jit(run)"] == 2, compiles
     # no retracing after the first epoch (every trace calls the force function)
     assert traces_after_epoch[0] > 0 and traces_after_epoch[0] == traces_after_epoch[-1], traces_after_epoch
@@ -108,13 +109,13 @@ def _step_memory(remat: str, k: int) -> int:
     cfg = model.TINY
     s = bm.from_arrays([["Si"] * 8] * 2, [np.random.default_rng(i).normal(0, 2.0, (8, 3)) for i in range(2)])
     batch = bm.RelaxationBatch(initial=s, target_positions=s.positions + 0.05, weight=jnp.ones(2))
-    step_cfg = relax.StepConfig(kind="learnable", init_step=0.01)
-    params = {"model": model.init_params(cfg, jax.random.PRNGKey(0)), "step": relax.init_step_params(step_cfg)}
+    step_rule = relax.LearnableStep(0.01)
+    params = {"model": model.init_params(cfg, jax.random.PRNGKey(0)), "step_rule": step_rule.init()}
     tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-4))
-    state = train.create_train_state(params, tx, jax.random.PRNGKey(1))
-    bcfg = train.BPTTConfig(step=step_cfg, rollout=relax.RolloutConfig(max_frames=k, stop_rms=0.0, remat=remat))
-    step = train.make_bptt_step(model.make_force_fn(cfg, model.Normalizer.identity()), relax.make_step_size_fn(step_cfg), bcfg, tx)
-    m = step.lower(state, batch).compile().memory_analysis()
+    bcfg = train.BPTTConfig(rollout=relax.RolloutConfig(max_frames=k, stop_rms=0.0, remat=remat))
+    trainer = train.make_bptt_trainer(model.make_force_fn(cfg, model.Normalizer.identity()), step_rule, bcfg, tx)
+    state = trainer.init(params, jax.random.PRNGKey(1))
+    m = trainer.update.lower(state, batch).compile().memory_analysis()
     return m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
 
 
@@ -161,7 +162,7 @@ _SHARDED_SCRIPT = textwrap.dedent(
     from bptt_mlip.models import adapt as model
     from bptt_mlip.training import optim
     from bptt_mlip.training import parallel
-    from bptt_mlip.relax import scan as relax
+    from bptt_mlip import relax
     from bptt_mlip.training import steps as train
 
     assert jax.device_count() == 4, jax.devices()
@@ -169,41 +170,43 @@ _SHARDED_SCRIPT = textwrap.dedent(
     sizes = [6, 8, 5, 7, 8, 6, 7, 8]
     pos = [rng.normal(0, 1.8, (n, 3)) for n in sizes]
     s = bm.from_arrays([["Si"] * n for n in sizes], pos, max_atoms=8)
-    batch = bm.RelaxationBatch(initial=s, target_positions=s.positions + 0.03 * rng.normal(size=s.positions.shape).astype(np.float32),
+    shifted = s.positions + 0.03 * rng.normal(size=s.positions.shape).astype(np.float32)
+    batch = bm.RelaxationBatch(initial=s, target_positions=shifted,
                                weight=jnp.asarray([1, 1, 1, 1, 1, 1, 1, 0], jnp.float32))
     cfg = model.TINY
-    step_cfg = relax.StepConfig(kind="learnable", init_step=0.01)
-    params = {"model": model.init_params(cfg, jax.random.PRNGKey(0)), "step": relax.init_step_params(step_cfg)}
+    step_rule = relax.LearnableStep(0.01)
+    params = {"model": model.init_params(cfg, jax.random.PRNGKey(0)), "step_rule": step_rule.init()}
     tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-3, clip_norm=1.0))
-    bcfg = train.BPTTConfig(step=step_cfg, rollout=relax.RolloutConfig(max_frames=6, stop_rms=1e-3, remat="frame"))
+    bcfg = train.BPTTConfig(rollout=relax.RolloutConfig(max_frames=6, stop_rms=1e-3, remat="frame"))
     ff = model.make_force_fn(cfg, model.Normalizer.identity())
-    ssf = relax.make_step_size_fn(step_cfg)
-    state0 = train.create_train_state(params, tx, jax.random.PRNGKey(1))
-
-    single = train.make_bptt_step(ff, ssf, bcfg, tx)
-    sharded = parallel.make_sharded_bptt_step(ff, ssf, bcfg, tx)
-    s1, s4 = state0, parallel.replicate(state0, sharded.mesh)
+    mesh = parallel.make_mesh()
+    one_device = train.make_bptt_trainer(ff, step_rule, bcfg, tx)
+    data_parallel = train.make_bptt_trainer(ff, step_rule, bcfg, tx, mesh=mesh)
+    single, sharded = one_device.update, data_parallel.update
+    s1, s4 = one_device.init(params, jax.random.PRNGKey(1)), data_parallel.init(params, jax.random.PRNGKey(1))
+    assert all(x.sharding.is_fully_replicated for x in jax.tree_util.tree_leaves(s4))  # init places the state
     # Adam's first update is ~lr * sign(g): gradient components at float32 noise level may move by up
     # to lr = 1e-3 either way; in practice the largest difference is ~5e-6, so atol 1e-5 on params.
     for _ in range(1):
         s1, m1 = single(s1, batch)
-        s4, m4 = sharded(s4, parallel.shard_batch(batch, sharded.mesh))
+        s4, m4 = sharded(s4, parallel.shard_batch(batch, mesh))
         for k in m1:
             np.testing.assert_allclose(np.asarray(m4[k]), np.asarray(m1[k]), rtol=2e-5, atol=1e-6, err_msg=k)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-5),
                            s4.params, s1.params)
     # the batch really is split over the 4 devices, the parameters are replicated
-    sb = parallel.shard_batch(batch, sharded.mesh)
+    sb = parallel.shard_batch(batch, mesh)
     assert len(sb.initial.positions.addressable_shards) == 4
     assert sb.initial.positions.addressable_shards[0].data.shape == (2, 8, 3)
-    assert s4.params["step"]["eta"].sharding.is_fully_replicated
+    assert s4.params["step_rule"]["eta"].sharding.is_fully_replicated
     # gradients through the sharded loss equal the single-device ones
-    g1 = jax.grad(lambda p: train.bptt_loss(p, batch, ff, ssf, bcfg, jax.random.PRNGKey(3))[0])(params)
-    g4 = jax.jit(jax.grad(lambda p, b: train.bptt_loss(p, b, ff, ssf, bcfg, jax.random.PRNGKey(3))[0]))(
-        parallel.replicate(params, sharded.mesh), sb)
+    g1 = jax.grad(lambda p: train.bptt_loss(p, batch, ff, step_rule, bcfg, jax.random.PRNGKey(3))[0])(params)
+    g4 = jax.jit(jax.grad(lambda p, b: train.bptt_loss(p, b, ff, step_rule, bcfg, jax.random.PRNGKey(3))[0]))(
+        parallel.replicate(params, mesh), sb)
     # float32 summation order differs; compare against the largest gradient component
     scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree_util.tree_leaves(g1))
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-4 * scale), g4, g1)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-4 * scale), g4, g1)
     odd = jax.tree_util.tree_map(lambda x: x[:6], batch)
     try:
         sharded(s4, odd)
@@ -233,36 +236,38 @@ _SHARDED_TRAINING_SCRIPT = textwrap.dedent(
     from bptt_mlip.training import loops
     from bptt_mlip.training import parallel
     from bptt_mlip.models import potentials
-    from bptt_mlip.relax import scan as relax
     from bptt_mlip.training import steps as train
     from test_regularisers import FIXED, ROLL, _morse_traj, morse_task, params
 
     assert jax.device_count() == 4, jax.devices()
     mesh = parallel.make_mesh()
-    ff, ssf = potentials.morse_force_fn, relax.make_step_size_fn(FIXED)
+    ff = potentials.morse_force_fn
 
     def close(a, b, rtol=2e-5, atol=1e-6):
-        jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol), a, b)
+        jax.tree_util.tree_map(
+            lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol), a, b)
 
     # 1. the multi-task BPTT step (Dq + force term) and the pretraining step, sharded == single device
     rb, fb = morse_task(sizes=(5, 7, 6, 8), max_atoms=8)
-    cfg = train.BPTTConfig(step=FIXED, rollout=ROLL, force_weight=0.5)
-    tx = bm.make_optimizer(bm.OptimConfig(learning_rate=1e-3, freeze_step=True))
-    s0 = train.create_train_state(params(), tx, jax.random.PRNGKey(1))
-    s1, m1 = train.make_bptt_step(ff, ssf, cfg, tx)(s0, rb, fb)
-    sharded = parallel.make_sharded_bptt_step(ff, ssf, cfg, tx, mesh)
-    s4, m4 = sharded(parallel.replicate(s0, mesh), rb, fb)
+    cfg = train.BPTTConfig(rollout=ROLL, force_weight=0.5)
+    tx = bm.make_optimizer(bm.OptimConfig(learning_rate=1e-3, freeze_step_rule=True))
+    one_device = train.make_bptt_trainer(ff, FIXED, cfg, tx)
+    data_parallel = train.make_bptt_trainer(ff, FIXED, cfg, tx, mesh=mesh)
+    s0 = one_device.init(params(), jax.random.PRNGKey(1))
+    s1, m1 = one_device.update(s0, rb, fb)
+    s4, m4 = data_parallel.update(data_parallel.init(params(), jax.random.PRNGKey(1)), rb, fb)
     assert float(m1["force_mse"]) > 0
     close({k: m4[k] for k in m1}, m1)
     close(s4.params, s1.params)
     assert s4.params["model"]["depth"].sharding.is_fully_replicated
-    p1, q1 = train.make_pretrain_step(train.deterministic(ff), tx)(s0, fb)
-    p4, q4 = parallel.make_sharded_pretrain_step(train.deterministic(ff), tx, mesh)(parallel.replicate(s0, mesh), fb)
+    p1, q1 = train.make_pretrain_trainer(train.deterministic(ff), tx).update(s0, fb)
+    pretrain_parallel = train.make_pretrain_trainer(train.deterministic(ff), tx, mesh=mesh)
+    p4, q4 = pretrain_parallel.update(pretrain_parallel.init(params(), jax.random.PRNGKey(1)), fb)
     close({k: q4[k] for k in q1}, q1)
     close(p4.params, p1.params)
     odd = jax.tree_util.tree_map(lambda x: x[:3], fb)
     try:
-        sharded(parallel.replicate(s0, mesh), rb, odd)
+        data_parallel.update(data_parallel.init(params(), jax.random.PRNGKey(1)), rb, odd)
     except ValueError as e:
         assert "not divisible by the 4 devices" in str(e), e
     else:
@@ -275,11 +280,11 @@ _SHARDED_TRAINING_SCRIPT = textwrap.dedent(
     out = {}
     for name, m in (("single", None), ("mesh", mesh)):
         pre, hist = loops.pretrain(train.deterministic(ff), ff, params()["model"], train_t, val_t, epochs=2,
-                                   batch_size=4, optim_config=bm.OptimConfig(learning_rate=1e-3, freeze_step=True),
+                                   batch_size=4, optim_config=bm.OptimConfig(learning_rate=1e-3, freeze_step_rule=True),
                                    mesh=m)
         best, history, state = loops.bptt_finetune(
-            ff, ssf, {"model": pre, "step": params()["step"]}, train_t, val_t, bptt_config=cfg,
-            optim_config=bm.OptimConfig(learning_rate=1e-3, freeze_step=True), epochs=2, batch_size=4,
+            ff, FIXED, {"model": pre, "step_rule": params()["step_rule"]}, train_t, val_t, bptt_config=cfg,
+            optim_config=bm.OptimConfig(learning_rate=1e-3, freeze_step_rule=True), epochs=2, batch_size=4,
             force_batch_size=4, checkpoint_dir=os.path.join(sys.argv[1], name), report=lambda msg: None, mesh=m)
         out[name] = (pre, hist, best, history, state)
     (pre1, h1, b1, bh1, st1), (pre4, h4, b4, bh4, st4) = out["single"], out["mesh"]

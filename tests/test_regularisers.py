@@ -13,12 +13,12 @@ import bptt_mlip as bm
 from bptt_mlip.training import augment
 from bptt_mlip.training import loops
 from bptt_mlip.models import potentials
-from bptt_mlip.relax import scan as relax
+from bptt_mlip import relax
 from bptt_mlip.training import steps as train
 from bptt_mlip.data import batching
 from bptt_mlip.data.trajectory import make_trajectory
 
-FIXED = relax.StepConfig(kind="fixed", init_step=0.05)
+FIXED = relax.FixedStep(0.05)
 ROLL = relax.RolloutConfig(max_frames=8, stop_rms=1e-9)
 
 
@@ -33,19 +33,20 @@ def morse_task(sizes=(5, 7), max_atoms=8, seed=0):
     s = bm.from_arrays([["Si"] * n for n in sizes], [cluster(n, seed + i) for i, n in enumerate(sizes)],
                        max_atoms=max_atoms)
     truth = potentials.init_morse_params(depth=0.6, r0=2.5, alpha=1.4)
-    ref = relax.rollout(potentials.morse_force_fn, relax.make_step_size_fn(FIXED), {"model": truth, "step": {"eta": jnp.asarray(0.05)}}, s,
-                        FIXED, relax.RolloutConfig(max_frames=100, stop_rms=1e-5))
+    ref = relax.rollout(potentials.morse_force_fn, FIXED, {"model": truth, "step_rule": {}}, s, relax.FrameModifiers(),
+                        relax.RolloutConfig(max_frames=100, stop_rms=1e-5))
     relax_batch = bm.RelaxationBatch(s, ref.positions, jnp.ones(len(sizes)))
     force_batch = bm.ForceBatch(s, potentials.morse_force_fn(truth, s), jnp.ones(len(sizes)))
     return relax_batch, force_batch
 
 
 def params(**kw):
-    return {"model": potentials.init_morse_params(**{"depth": 0.5, "r0": 2.3, "alpha": 1.6, **kw}), "step": {"eta": jnp.asarray(0.05)}}
+    model = potentials.init_morse_params(**{"depth": 0.5, "r0": 2.3, "alpha": 1.6, **kw})
+    return {"model": model, "step_rule": FIXED.init()}
 
 
 def grad_of(config, relax_batch, force_batch, p=None, key=0):
-    fn = lambda q: train.bptt_loss(q, relax_batch, potentials.morse_force_fn, relax.make_step_size_fn(FIXED), config,
+    fn = lambda q: train.bptt_loss(q, relax_batch, potentials.morse_force_fn, FIXED, config,
                                    jax.random.PRNGKey(key), force_batch)
     return jax.value_and_grad(fn, has_aux=True)(params() if p is None else p)
 
@@ -55,7 +56,7 @@ def grad_of(config, relax_batch, force_batch, p=None, key=0):
 
 def test_force_term_alone_has_the_plain_force_loss_gradient():
     rb, fb = morse_task()
-    cfg = train.BPTTConfig(step=FIXED, rollout=ROLL, dq_weight=0.0, force_weight=1.0)
+    cfg = train.BPTTConfig(rollout=ROLL, dq_weight=0.0, force_weight=1.0)
     (loss, aux), g = grad_of(cfg, rb, fb)
     plain = lambda m: train.force_loss(m, fb, train.deterministic(potentials.morse_force_fn), jax.random.PRNGKey(0))[0]
     ref_loss, ref_g = jax.value_and_grad(plain)(params()["model"])
@@ -68,9 +69,9 @@ def test_force_term_alone_has_the_plain_force_loss_gradient():
 def test_force_term_adds_linearly_to_the_dq_gradient():
     rb, fb = morse_task()
     w = 3.0
-    (_, _), g_dq = grad_of(train.BPTTConfig(step=FIXED, rollout=ROLL), rb, None)
-    (_, _), g_f = grad_of(train.BPTTConfig(step=FIXED, rollout=ROLL, dq_weight=0.0, force_weight=1.0), rb, fb)
-    (_, _), g_both = grad_of(train.BPTTConfig(step=FIXED, rollout=ROLL, force_weight=w), rb, fb)
+    (_, _), g_dq = grad_of(train.BPTTConfig(rollout=ROLL), rb, None)
+    (_, _), g_f = grad_of(train.BPTTConfig(rollout=ROLL, dq_weight=0.0, force_weight=1.0), rb, fb)
+    (_, _), g_both = grad_of(train.BPTTConfig(rollout=ROLL, force_weight=w), rb, fb)
     for k in g_dq["model"]:
         expect = float(g_dq["model"][k]) + w * float(g_f["model"][k])
         np.testing.assert_allclose(float(g_both["model"][k]), expect, rtol=1e-5, atol=1e-7)
@@ -79,7 +80,7 @@ def test_force_term_adds_linearly_to_the_dq_gradient():
 def test_force_term_needs_a_force_batch_and_a_nonempty_objective():
     rb, _ = morse_task()
     with pytest.raises(ValueError, match="force_batch"):
-        grad_of(train.BPTTConfig(step=FIXED, rollout=ROLL, force_weight=1.0), rb, None)
+        grad_of(train.BPTTConfig(rollout=ROLL, force_weight=1.0), rb, None)
     with pytest.raises(ValueError, match="both 0"):
         train.BPTTConfig(dq_weight=0.0)
     with pytest.raises(ValueError, match=">= 0"):
@@ -99,8 +100,8 @@ def test_random_rotations_are_proper_rotations():
 
 def test_augmentation_leaves_an_equivariant_force_field_unchanged():
     rb, fb = morse_task()
-    plain = train.BPTTConfig(step=FIXED, rollout=ROLL, force_weight=0.5)
-    aug = train.BPTTConfig(step=FIXED, rollout=ROLL, force_weight=0.5, augment_rotation=True, augment_translation=3.0)
+    plain = train.BPTTConfig(rollout=ROLL, force_weight=0.5)
+    aug = train.BPTTConfig(rollout=ROLL, force_weight=0.5, augment_rotation=True, augment_translation=3.0)
     (l0, a0), g0 = grad_of(plain, rb, fb)
     (l1, a1), g1 = grad_of(aug, rb, fb)
     np.testing.assert_allclose(float(l1), float(l0), rtol=1e-4)
@@ -136,10 +137,10 @@ def test_augmentation_changes_adapt_loss():
     norm = bm.fit_normalizer(np.asarray(rb.initial.positions), np.asarray(rb.initial.features), np.asarray(fb.forces),
                              rb.initial.mask)
     force_fn = bm.make_force_fn(cfg, norm)
-    p = {"model": bm.init_params(cfg, jax.random.PRNGKey(0)), "step": {"eta": jnp.asarray(0.05)}}
-    loss = lambda c: float(train.bptt_loss(p, rb, force_fn, relax.make_step_size_fn(FIXED), c, jax.random.PRNGKey(0))[0])
-    base = loss(train.BPTTConfig(step=FIXED, rollout=ROLL))
-    assert loss(train.BPTTConfig(step=FIXED, rollout=ROLL, augment_rotation=True)) != pytest.approx(base, rel=1e-6)
+    p = {"model": bm.init_params(cfg, jax.random.PRNGKey(0)), "step_rule": FIXED.init()}
+    loss = lambda c: float(train.bptt_loss(p, rb, force_fn, FIXED, c, jax.random.PRNGKey(0))[0])
+    base = loss(train.BPTTConfig(rollout=ROLL))
+    assert loss(train.BPTTConfig(rollout=ROLL, augment_rotation=True)) != pytest.approx(base, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- loops: starts, sampler, patience
@@ -148,8 +149,8 @@ def test_augmentation_changes_adapt_loss():
 def _morse_traj(n, seed, frames=7):
     truth = potentials.init_morse_params(depth=0.6, r0=2.5, alpha=1.4)
     s = bm.from_arrays([["Si"] * n], [cluster(n, seed)])
-    res = relax.rollout(potentials.morse_force_fn, relax.make_step_size_fn(FIXED), {"model": truth, "step": {"eta": jnp.asarray(0.05)}}, s,
-                        FIXED, relax.RolloutConfig(max_frames=frames - 1, stop_rms=0.0, return_trajectory=True))
+    res = relax.rollout(potentials.morse_force_fn, FIXED, {"model": truth, "step_rule": {}}, s, relax.FrameModifiers(),
+                        relax.RolloutConfig(max_frames=frames - 1, stop_rms=0.0, return_trajectory=True))
     pos = np.asarray(res.trajectory)[:, 0, :n]  # [frames, n, 3], the start included
     forces = np.stack([np.asarray(potentials.morse_force_fn(truth, s.replace(positions=jnp.asarray(x[None]))))[0]
                        for x in pos])
@@ -164,10 +165,10 @@ def morse_trajs():
 
 def _finetune(trajs, val, **kw):
     steps = []
-    cfg = kw.pop("config", train.BPTTConfig(step=FIXED, rollout=ROLL))
+    cfg = kw.pop("config", train.BPTTConfig(rollout=ROLL))
     best, history, state = loops.bptt_finetune(
-        potentials.morse_force_fn, relax.make_step_size_fn(FIXED), params(), trajs, val, bptt_config=cfg,
-        optim_config=bm.OptimConfig(learning_rate=kw.pop("lr", 1e-3), freeze_step=True), batch_size=2,
+        potentials.morse_force_fn, FIXED, params(), trajs, val, bptt_config=cfg,
+        optim_config=bm.OptimConfig(learning_rate=kw.pop("lr", 1e-3), freeze_step_rule=True), batch_size=2,
         log=lambda phase, i, m: steps.append(m) if phase == "bptt_step" else None, report=lambda m: None, **kw)
     return best, history, state, steps
 
@@ -193,7 +194,7 @@ def test_frame_sampler_is_a_pure_function_of_seed_and_step(morse_trajs):
 
 
 def test_force_term_in_the_loop_is_logged_and_resume_identity_includes_it(morse_trajs, tmp_path):
-    cfg = train.BPTTConfig(step=FIXED, rollout=ROLL, force_weight=1.0)
+    cfg = train.BPTTConfig(rollout=ROLL, force_weight=1.0)
     _, _, _, steps = _finetune(morse_trajs, [], epochs=1, config=cfg, force_batch_size=3, checkpoint_dir=tmp_path)
     assert len(steps) == 2 and all("force_mse" in m and np.isfinite(m["force_mse"]) for m in steps)
     # a resumed run must draw the same force batches: another force batch size is refused
@@ -215,32 +216,33 @@ def test_patience_stops_early_and_keeps_the_best(morse_trajs):
 
 
 def test_weight_decay_shrinks_and_proximal_pulls_back_with_zero_loss_gradient():
-    start = {"model": {"w": jnp.array([2.0, -1.0])}, "step": {}}
-    zero = {"model": {"w": jnp.zeros(2)}, "step": {}}
+    start = {"model": {"w": jnp.array([2.0, -1.0])}, "step_rule": {}}
+    zero = {"model": {"w": jnp.zeros(2)}, "step_rule": {}}
     tx = bm.make_optimizer(bm.OptimConfig(learning_rate=0.1, weight_decay=0.5, clip_norm=0.0))
     upd, _ = tx.update(zero, tx.init(start), start)
     # decoupled (AdamW): w <- w - lr * wd * w when the loss gradient is zero
     np.testing.assert_allclose(upd["model"]["w"], -0.1 * 0.5 * np.array([2.0, -1.0]), rtol=1e-6)
     tx = bm.make_optimizer(bm.OptimConfig(learning_rate=0.1, proximal_weight=1.0, clip_norm=0.0))
     state = tx.init(start)  # the anchor: the weights at init (the pretrained model)
-    moved = {"model": {"w": jnp.array([3.0, -1.0])}, "step": {}}
+    moved = {"model": {"w": jnp.array([3.0, -1.0])}, "step_rule": {}}
     upd, _ = tx.update(zero, state, moved)
     assert float(upd["model"]["w"][0]) < 0 and float(upd["model"]["w"][1]) == 0.0  # back toward 2.0, -1.0 untouched
 
 
 def test_learning_rate_warmup_is_linear_from_zero_and_only_for_the_model_group():
-    params_ = {"model": {"w": jnp.array([1.0])}, "step": {"eta": jnp.asarray(0.05)}}
-    grad = {"model": {"w": jnp.array([0.5])}, "step": {"eta": jnp.asarray(0.5)}}
-    tx = bm.make_optimizer(bm.OptimConfig(learning_rate=0.1, step_learning_rate=0.01, clip_norm=0.0, warmup_steps=4))
+    params_ = {"model": {"w": jnp.array([1.0])}, "step_rule": {"eta": jnp.asarray(0.05)}}
+    grad = {"model": {"w": jnp.array([0.5])}, "step_rule": {"eta": jnp.asarray(0.5)}}
+    tx = bm.make_optimizer(bm.OptimConfig(learning_rate=0.1, step_rule_learning_rate=0.01, clip_norm=0.0,
+                                          warmup_steps=4))
     state = tx.init(params_)
-    model_moves, step_moves = [], []
+    model_moves, eta_moves = [], []
     for _ in range(6):
         upd, state = tx.update(grad, state, params_)
         model_moves.append(float(upd["model"]["w"][0]))
-        step_moves.append(float(upd["step"]["eta"]))
+        eta_moves.append(float(upd["step_rule"]["eta"]))
     # Adam on a constant gradient moves by -lr (up to eps); the model's lr is 0, 0.025, ..., 0.1, 0.1
     np.testing.assert_allclose(model_moves, [-0.0, -0.025, -0.05, -0.075, -0.1, -0.1], rtol=1e-4, atol=1e-9)
-    np.testing.assert_allclose(step_moves, [-0.01] * 6, rtol=1e-4)
+    np.testing.assert_allclose(eta_moves, [-0.01] * 6, rtol=1e-4)
     with pytest.raises(ValueError, match="warmup_steps"):
         bm.make_optimizer(bm.OptimConfig(warmup_steps=-1))
 
@@ -248,12 +250,12 @@ def test_learning_rate_warmup_is_linear_from_zero_and_only_for_the_model_group()
 def test_pretrain_augmentation_leaves_an_equivariant_model_loss_unchanged():
     _, fb = morse_task()
     p = params()
-    tx = bm.make_optimizer(bm.OptimConfig(learning_rate=1e-3, freeze_step=True))
+    tx = bm.make_optimizer(bm.OptimConfig(learning_rate=1e-3, freeze_step_rule=True))
     losses_ = []
     for aug in (False, True):
-        step = train.make_pretrain_step(train.deterministic(potentials.morse_force_fn), tx, augment_rotation=aug,
-                                        augment_translation=2.0 if aug else 0.0)
-        _, m = step(bm.create_train_state(p, tx, jax.random.PRNGKey(0)), fb)
+        trainer = train.make_pretrain_trainer(train.deterministic(potentials.morse_force_fn), tx, augment_rotation=aug,
+                                              augment_translation=2.0 if aug else 0.0)
+        _, m = trainer.update(trainer.init(p, jax.random.PRNGKey(0)), fb)
         losses_.append(float(m["loss"]))
     assert losses_[0] > 0
     np.testing.assert_allclose(losses_[1], losses_[0], rtol=1e-4)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,19 +12,21 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bptt_mlip.workflow import model_io
 from bptt_mlip.training import checkpoint
+from bptt_mlip.training import loop
 from bptt_mlip.training import loops
 from bptt_mlip.training import optim
 from bptt_mlip.models import potentials
-from bptt_mlip.relax import scan as relax
+from bptt_mlip import relax
 from bptt_mlip.training import steps as train
-from bptt_mlip.data import generator, readers
+from bptt_mlip.data import readers, store
+from bptt_mlip.data import checks
 from bptt_mlip.data import trajectory as T
 from bptt_mlip.data.trajectory import TrajectoryError, make_trajectory
 
@@ -51,11 +52,12 @@ def _raises(match, fn, reason=None):
 
 
 def test_bad_records_have_clear_messages():
-    chk = lambda **kw: T.check_relaxation(make_trajectory(check=False, **{**_traj(), **kw}))
+    chk = lambda **kw: checks.check_relaxation(make_trajectory(check=False, **{**_traj(), **kw}))
     # NaN / inf positions and forces: file, trajectory, frame and atom named
     pos = _traj()["positions"].copy()
     pos[1, 2, 0] = np.nan
-    msg = _raises(r"data.xyz trajectory 't7' frame 1: positions of atom 2", lambda: chk(positions=pos), T.REASON_NONFINITE)
+    msg = _raises(r"data.xyz trajectory 't7' frame 1: positions of atom 2", lambda: chk(positions=pos),
+                  T.REASON_NONFINITE)
     assert "finite" in msg
     frc = np.zeros_like(pos)
     frc[0, 1, 2] = np.inf
@@ -64,7 +66,7 @@ def test_bad_records_have_clear_messages():
     # unknown elements, by symbol and by Z
     _raises(r"unknown element 'Xx' at atom 1", lambda: make_trajectory(["Si", "Xx", "Si"], _traj()["positions"]))
     odd = make_trajectory(**_traj()).replace(species=np.array([150, 14, 14], np.int32))
-    _raises(r"'t7': unknown element Z=150 at atom 0", lambda: T.check_relaxation(odd), T.REASON_UNKNOWN_ELEMENT)
+    _raises(r"'t7': unknown element Z=150 at atom 0", lambda: checks.check_relaxation(odd), T.REASON_UNKNOWN_ELEMENT)
     # empty and one-frame trajectories
     _raises(r"'t7': positions must have shape \[T>=1, n, 3\]", lambda: chk(positions=np.zeros((0, 3, 3)),
                                                                              forces=None))
@@ -73,23 +75,25 @@ def test_bad_records_have_clear_messages():
     # mismatched atom counts between the frames' arrays
     _raises(r"'t7' frame 0: positions have shape \(4, 3\) per frame, expected \(3, 3\)",
             lambda: chk(positions=np.zeros((2, 4, 3)), forces=None), T.REASON_SHAPE)
-    _raises(r"frame 0: forces have shape \(2, 3\) per frame, expected \(3, 3\)", lambda: chk(forces=np.zeros((2, 2, 3))), T.REASON_SHAPE)
+    _raises(r"frame 0: forces have shape \(2, 3\) per frame, expected \(3, 3\)",
+            lambda: chk(forces=np.zeros((2, 2, 3))), T.REASON_SHAPE)
     # atoms too close, plain and through the periodic boundary (minimum image)
     close = _traj()["positions"].copy()
     close[-1, 1] = close[-1, 0] + [0.3, 0.0, 0.0]
     _raises(r"'t7' frame 1: atoms 0 and 1 are 0.3 Å apart, closer than the minimum distance 0.5 Å",
             lambda: chk(positions=close), T.REASON_ATOMS_TOO_CLOSE)
-    T.check_relaxation(make_trajectory(check=False, **{**_traj(), "positions": close}), min_distance=0.2)  # threshold
+    close_traj = make_trajectory(check=False, **{**_traj(), "positions": close})
+    checks.check_relaxation(close_traj, min_distance=0.2)  # threshold
     wrap = np.array([[[0.1, 5.0, 5.0], [9.9, 5.0, 5.0]]] * 2)
     _raises(r"frame 0: atoms 0 and 1 are 0.2 Å apart \(minimum image\)",
-            lambda: T.check_relaxation(make_trajectory(["Si", "Si"], wrap, cell=np.eye(3) * 10, traj_id="p")))
-    T.check_relaxation(make_trajectory(["Si", "Si"], wrap, cell=np.eye(3) * 10, pbc=False))  # no pbc: 9.8 Å apart
+            lambda: checks.check_relaxation(make_trajectory(["Si", "Si"], wrap, cell=np.eye(3) * 10, traj_id="p")))
+    checks.check_relaxation(make_trajectory(["Si", "Si"], wrap, cell=np.eye(3) * 10, pbc=False))  # no pbc: 9.8 Å apart
     # a reference structure whose species differ from the initial one
     _raises(r"'t7': the reference structure has Z=32 at atom 2 where the initial structure has Z=14",
-            lambda: T.check_relaxation(make_trajectory(**_traj()), reference_species=[14, 14, 32]),
+            lambda: checks.check_relaxation(make_trajectory(**_traj()), reference_species=[14, 14, 32]),
             T.REASON_SPECIES_CHANGE)
     _raises(r"reference structure has 2 atoms, the initial structure 3",
-            lambda: T.check_same_species([14, 14, 14], [14, 14], "x"))
+            lambda: checks.check_same_species([14, 14, 14], [14, 14], "x"))
 
 
 def test_reference_frame_with_other_species_in_a_file(tmp_path):
@@ -100,7 +104,8 @@ def test_reference_frame_with_other_species_in_a_file(tmp_path):
     a = Atoms("Si2", positions=[[0, 0, 0], [2.3, 0, 0]])
     b = Atoms("SiGe", positions=[[0, 0, 0], [2.4, 0, 0]])
     ase.io.write(tmp_path / "r.extxyz", [a, b], format="extxyz")
-    with pytest.raises(TrajectoryError, match=r"r.extxyz trajectory 'r' frame 1: 2 atoms SiGe, expected the 2 atoms SiSi of frame 0"):
+    with pytest.raises(TrajectoryError,
+                       match=r"r.extxyz trajectory 'r' frame 1: 2 atoms SiGe, expected the 2 atoms SiSi of frame 0"):
         readers.read_extxyz(tmp_path / "r.extxyz")
 
 
@@ -115,7 +120,7 @@ def _write_mixed_file(path):
     bad = [make_trajectory(check=False, **{**nan, "traj_id": "nanforce"}),
            make_trajectory(check=False, **{**close, "traj_id": "tooclose"}),
            make_trajectory(check=False, **{**_traj(frames=1), "traj_id": "single"})]
-    generator.write_extxyz([good[0], bad[0], good[1], bad[1], bad[2], good[2]], path)
+    store.write_extxyz([good[0], bad[0], good[1], bad[1], bad[2], good[2]], path)
 
 
 def test_loader_stops_on_bad_records_or_skips_and_counts_them(tmp_path):
@@ -202,7 +207,7 @@ def test_extxyz_write_read_round_trip(shapes, seed):
         ))
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "rt.extxyz"
-        generator.write_extxyz(trajs, path)
+        store.write_extxyz(trajs, path)
         back = readers.read_extxyz(path)
     assert [b.traj_id for b in back] == [t.traj_id for t in trajs]
     for a, b in zip(trajs, back):
@@ -215,10 +220,9 @@ def test_extxyz_write_read_round_trip(shapes, seed):
 
 # ----------------------------------------------------------------------------- non-finite steps, in-process resume
 
-STEP = relax.StepConfig(kind="learnable", init_step=0.02)
-BPTT = train.BPTTConfig(step=STEP, rollout=relax.RolloutConfig(max_frames=4, stop_rms=1e-4, remat="none"))
-OPT = optim.OptimConfig(learning_rate=1e-3, step_learning_rate=1e-3)
-SSF = relax.make_step_size_fn(STEP)
+STEP_RULE = relax.LearnableStep(0.02)
+BPTT = train.BPTTConfig(rollout=relax.RolloutConfig(max_frames=4, stop_rms=1e-4, remat="none"))
+OPT = optim.OptimConfig(learning_rate=1e-3, step_rule_learning_rate=1e-3)
 
 
 def _morse_trajs(num, seed, bad=()):
@@ -236,12 +240,12 @@ def _morse_trajs(num, seed, bad=()):
 
 
 def _params():
-    return {"model": potentials.init_morse_params(), "step": relax.init_step_params(STEP)}
+    return {"model": potentials.init_morse_params(), "step_rule": STEP_RULE.init()}
 
 
 def _finetune(train_trajs, val_trajs, **kw):
     kw = {"bptt_config": BPTT, "optim_config": OPT, "epochs": 3, "batch_size": 2, "seed": 3, "buckets": (8,), **kw}
-    return loops.bptt_finetune(potentials.morse_force_fn, SSF, _params(), train_trajs, val_trajs, **kw)
+    return loops.bptt_finetune(potentials.morse_force_fn, STEP_RULE, _params(), train_trajs, val_trajs, **kw)
 
 
 def _leaves_equal(a, b):
@@ -251,7 +255,6 @@ def _leaves_equal(a, b):
 
 def test_nan_batch_is_skipped_counted_and_training_goes_on_then_stops_after_too_many(tmp_path):
     val = _morse_trajs(2, seed=1)
-    good = _morse_trajs(6, seed=0)
     with_nan = _morse_trajs(6, seed=0, bad=(4,))
     ck = tmp_path / "ck"
     best, hist, state = _finetune(with_nan, val, epochs=2, checkpoint_dir=ck, checkpoint_every=1)
@@ -265,11 +268,13 @@ def test_nan_batch_is_skipped_counted_and_training_goes_on_then_stops_after_too_
     last_good = checkpoint.checkpoint_steps(ck)[-1]
     # continue for a third epoch on data that is all NaN: stops after max_consecutive_bad_steps, keeps the checkpoint
     all_bad = _morse_trajs(6, seed=0, bad=range(6))
-    with pytest.raises(RuntimeError, match=r"BPTT stopped: 2 consecutive non-finite gradients at step \d+ \(more than "
-                                           r"max_consecutive_bad_steps=1\).*last good checkpoint") as info:
+    with pytest.raises(loop.TrainingStopped, match=r"BPTT stopped: 2 consecutive non-finite gradients at step \d+ "
+                       r"\(more than max_consecutive_bad_steps=1\).*last good checkpoint") as info:
         _finetune(all_bad, val, epochs=3, checkpoint_dir=ck, checkpoint_every=1, resume=True,
                   max_consecutive_bad_steps=1, report=lambda m: None)
     assert _leaves_equal(info.value.args[1], best)
+    assert isinstance(info.value, RuntimeError) and _leaves_equal(info.value.best_params, best)
+    assert info.value.reason == "nonfinite" and info.value.step == last_good + 2  # resumed there, then 2 bad updates
     assert checkpoint.checkpoint_steps(ck)[-1] == last_good
     assert checkpoint.restore_training_checkpoint(ck, state, {"best": best})[0] == last_good
 
@@ -316,17 +321,17 @@ def tiny_pretrained(tmp_path_factory):
     from bptt_mlip.models import adapt as model
 
     path = tmp_path_factory.mktemp("pre") / "pretrained"
-    trajs = generator.load_default_dataset("si_defects")[:12]
+    trajs = store.load_default_dataset("si_defects")[:12]
     cfg = model.AdaptConfig(d_model=16, d_ff=16, num_heads=2, num_layers=1, embed_hidden=16)
-    common.save_model(path, {"model": model.init_params(cfg, jax.random.PRNGKey(0)), "step": {}},
-                      loops.normalizer_from_trajectories(trajs[5:]), cfg, relax.StepConfig(), {"role": "pretrained"})
+    common.save_model(path, {"model": model.init_params(cfg, jax.random.PRNGKey(0)), "step_rule": {}},
+                      model.normalizer_from_trajectories(trajs[5:]), cfg, relax.FixedStep(), {"role": "pretrained"})
     return path
 
 
 def _final(workdir):
     import orbax.checkpoint as ocp
 
-    best, _, _ = checkpoint.restore_model(workdir / "checkpoints" / "bptt_best")
+    best, _, _ = model_io.restore_model(workdir / "checkpoints" / "bptt_best")
     d = (workdir / "checkpoints" / "bptt" / "train_state").absolute()
     mngr = ocp.CheckpointManager(d)
     state = mngr.restore(max(mngr.all_steps()), args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]

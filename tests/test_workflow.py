@@ -9,7 +9,6 @@ from pathlib import Path
 import ase.io
 import jax
 import numpy as np
-import optax
 import pytest
 from ase import Atoms
 from ase.build import bulk
@@ -20,12 +19,10 @@ from pymatgen.core import Lattice, Structure
 
 from bptt_mlip.workflow import api
 from bptt_mlip.workflow import calculator
-from bptt_mlip.training import checkpoint
 from bptt_mlip.relax import fire
 from bptt_mlip.models import adapt as model
 from bptt_mlip.workflow import plots_structure
-from bptt_mlip.training import steps as train
-from bptt_mlip.relax.scan import StepConfig
+from bptt_mlip.relax.step_rules import LearnableStep, step_rule_to_dict
 from bptt_mlip.workflow.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,9 +30,8 @@ ETA = 0.02
 
 
 def _tiny_model() -> api.TrainedModel:
-    params = {"model": model.init_params(model.TINY, jax.random.PRNGKey(0)), "step": {"eta": np.float32(ETA)}}
-    step_cfg = StepConfig(kind="learnable", init_step=0.05)
-    return api.TrainedModel(model.TINY, model.Normalizer.identity(), params, step_cfg)
+    params = {"model": model.init_params(model.TINY, jax.random.PRNGKey(0)), "step_rule": {"eta": np.float32(ETA)}}
+    return api.TrainedModel(model.TINY, model.Normalizer.identity(), params, LearnableStep(init_step=0.05))
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +41,12 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, tiny):
-    """A run directory holding checkpoints/bptt_best (as experiments.common.save_model writes it)."""
+    """A run directory holding checkpoints/bptt_best (as the main job writes it)."""
+    from bptt_mlip.workflow import model_io
+
     run = tmp_path_factory.mktemp("run")
-    state = train.create_train_state(tiny.params, optax.identity(), jax.random.PRNGKey(0))
-    meta = {"model_config": checkpoint.config_to_dict(tiny.config),
-            "step_config": checkpoint.config_to_dict(tiny.step_config), "role": "bptt_best_validation"}
-    checkpoint.save_checkpoint(run / "checkpoints" / "bptt_best", 0, state, tiny.normalizer, meta)
+    model_io.save_model(run / "checkpoints" / "bptt_best", tiny.params, tiny.normalizer, tiny.config,
+                        step_rule_to_dict(tiny.step_rule, tiny.modifiers), {"role": "bptt_best_validation"})
     return run
 
 
@@ -69,8 +65,8 @@ def _structures():
 def test_trained_model_load_roundtrip(saved, tiny, tmp_path):
     for where in (saved, saved / "checkpoints" / "bptt_best"):  # run directory or checkpoint directory
         m = api.TrainedModel.load(where)
-        assert m.config == tiny.config and m.step_config == tiny.step_config
-        assert float(m.params["step"]["eta"]) == pytest.approx(ETA)
+        assert m.config == tiny.config and m.step_rule == tiny.step_rule and m.modifiers == tiny.modifiers
+        assert float(m.params["step_rule"]["eta"]) == pytest.approx(ETA)
         assert m.meta["role"] == "bptt_best_validation"
         assert m.num_params() == model.count_params(tiny.params["model"])
     missing = tmp_path / "nope"
@@ -85,7 +81,7 @@ def test_trained_model_load_roundtrip(saved, tiny, tmp_path):
 def test_relax_mixed_ase_and_pymatgen(tiny):
     inputs = _structures()
     before = [x.copy() for x in inputs]
-    out = api.relax(inputs, tiny, max_frames=6, return_trajectory=True)
+    out = api.relax_structures(inputs, tiny, max_frames=6, return_trajectory=True)
     assert [type(o) for o in out.structures] == [type(i) for i in inputs]
     assert out.num_frames.shape == out.converged.shape == out.diverged.shape == out.max_force.shape == (4,)
     assert out.num_frames.dtype.kind == "i" and out.converged.dtype == bool and out.diverged.dtype == bool
@@ -109,34 +105,71 @@ def test_relax_mixed_ase_and_pymatgen(tiny):
     assert out.structures[0].info["label"] == "si8"
 
     # padding and batch neighbours change nothing: one structure alone gives the same result
-    alone = api.relax(inputs[2], tiny, max_frames=6, return_trajectory=True)
+    alone = api.relax_structures(inputs[2], tiny, max_frames=6, return_trajectory=True)
     np.testing.assert_allclose(alone.structure.positions, out.structures[2].positions, atol=1e-5)
     # a loose stopping rule: every structure converges after its first frame
-    loose = api.relax(inputs, tiny, max_frames=6, stop_rms=10.0, return_trajectory=True)  # no recompilation
+    loose = api.relax_structures(inputs, tiny, max_frames=6, stop_rms=10.0, return_trajectory=True)  # no recompilation
     assert loose.converged.all() and np.all(loose.num_frames == 1)
 
 
 def test_relax_plain_force_fn_and_fire(tiny):
     inputs = _structures()[:2]
-    ref = api.relax(inputs, tiny, max_frames=4)
-    plain = api.relax(inputs, tiny.force_fn, params=tiny.params["model"], step_size=ETA, max_frames=4)
+    ref = api.relax_structures(inputs, tiny, max_frames=4)
+    plain = api.relax_structures(inputs, tiny.force_fn, params=tiny.params["model"], step_size=ETA, max_frames=4)
     for a, b in zip(ref.structures, plain.structures):
         np.testing.assert_allclose(np.asarray(a.get_positions() if isinstance(a, Atoms) else a.cart_coords),
                                    np.asarray(b.get_positions() if isinstance(b, Atoms) else b.cart_coords), atol=1e-6)
     with pytest.raises(ValueError, match="step_size"):
-        api.relax(inputs, tiny.force_fn, params=tiny.params["model"])
+        api.relax_structures(inputs, tiny.force_fn, params=tiny.params["model"])
     cfg = fire.FireConfig(fmax=0.01, max_steps=7)
-    out = api.relax(inputs, tiny.force_fn, params=tiny.params["model"], method="fire", fire_config=cfg)
+    out = api.relax_structures(inputs, tiny.force_fn, params=tiny.params["model"], method="fire", fire_config=cfg)
     assert np.all(out.num_frames == 7) and not out.converged.any()
     with pytest.raises(ValueError, match="method"):
-        api.relax(inputs, tiny, method="bfgs")
+        api.relax_structures(inputs, tiny, method="bfgs")
+
+
+def test_resolve_model_one_dispatch_for_relax_and_calculator(tiny):
+    force_fn, full, trained = api.resolve_model(tiny)
+    assert force_fn is tiny.force_fn and full is tiny.params and trained is tiny
+    force_fn, full, trained = api.resolve_model(tiny.force_fn, tiny.params["model"])
+    assert full["model"] is tiny.params["model"] and not any(v for k, v in full.items() if k != "model")
+    assert trained is None
+    with pytest.raises(ValueError, match="only with a plain force_fn"):
+        api.resolve_model(tiny, tiny.params["model"])
+    with pytest.raises(ValueError, match="BPTTCalculator with a plain force_fn needs params"):
+        calculator.BPTTCalculator(tiny.force_fn)
+    with pytest.raises(TypeError, match="TrainedModel or a force_fn"):
+        api.resolve_model(3, {})
+    assert api.relax is api.relax_structures  # the name the quickstart shows
+
+
+def test_atoms_like_arrays_and_copies():
+    from bptt_mlip import structures
+
+    si, nacl = _structures()[:2]
+    assert structures.is_atoms_like(si) and structures.is_atoms_like(nacl) and not structures.is_atoms_like([si])
+    z, pos, cell = structures.atoms_arrays(nacl)
+    assert z.tolist() == [11, 17]
+    np.testing.assert_allclose(pos[1], [2.1, 2.1, 2.1])
+    np.testing.assert_allclose(cell, 4.2 * np.eye(3))
+    z, pos, cell = structures.atoms_arrays(si)
+    assert z.tolist() == [14] * 8 and np.array_equal(pos, si.get_positions()) and np.array_equal(cell, si.cell.array)
+    moved = pos + 0.1
+    si_moved = structures.copy_with_positions(si, moved)
+    assert si_moved.info["label"] == "si8" and np.array_equal(si_moved.get_positions(), moved)
+    assert not np.array_equal(si.get_positions(), moved)  # the input is not modified
+    nacl_moved = structures.copy_with_positions(nacl, np.array([[0.5, 0.0, 0.0], [2.1, 2.1, 2.1]]))
+    np.testing.assert_allclose(nacl_moved.frac_coords[0], [0.5 / 4.2, 0.0, 0.0])
+    np.testing.assert_allclose(nacl.cart_coords[0], [0.0, 0.0, 0.0])
+    with pytest.raises(TypeError, match="ase.Atoms or a pymatgen"):
+        structures.atoms_arrays("Si")
 
 
 def test_ase_calculator_fire_matches_relax(tiny):
     atoms = bulk("Si", "diamond", a=5.43, cubic=True)
     atoms.rattle(0.05, seed=3)
     fmax, steps = 0.01, 40
-    expected = api.relax(atoms, tiny, method="fire", fire_config=fire.FireConfig(fmax=fmax, max_steps=steps))
+    expected = api.relax_structures(atoms, tiny, method="fire", fire_config=fire.FireConfig(fmax=fmax, max_steps=steps))
 
     work = atoms.copy()
     work.calc = calculator.BPTTCalculator(tiny)
@@ -177,7 +210,7 @@ def test_oracle_from_calculator():
     assert e == pytest.approx(atoms.get_potential_energy())
     with pytest.raises(ValueError, match="does not cover"):
         oracle.forces_and_energy([29, 79], atoms.positions[:2], atoms.cell.array)
-    res = generator.relax(atoms.numbers, atoms.positions, atoms.cell.array, oracle)
+    res = generator.relax_with_oracle(atoms.numbers, atoms.positions, atoms.cell.array, oracle)
     assert res.converged and res.positions.shape[1:] == (4, 3)
     # a forces-only calculator as oracle: refused unless NaN energies are acceptable
     no_e = calculator.oracle_from_calculator(calculator.BPTTCalculator(_tiny_model()), elements=["Cu"])

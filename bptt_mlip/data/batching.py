@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bptt_mlip import descriptors, structures
+from bptt_mlip import structures
 from bptt_mlip.data.trajectory import Trajectory
 
 DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024)
@@ -36,14 +36,7 @@ def _structures_np(species_list, positions_list, cells, batch_size: int, max_ato
         pos[i, : len(z)] = x
         if c is not None:
             cell[i] = c
-    return structures.Structures(
-        positions=jnp.asarray(pos),
-        species=jnp.asarray(species),
-        features=jnp.asarray(descriptors.element_features(species)),
-        masses=jnp.asarray(descriptors.atomic_masses(species)),
-        mask=jnp.asarray(species > 0),
-        cell=jnp.asarray(cell),
-    )
+    return structures.padded_structures(species, pos, cell)
 
 
 def _pad_atoms(rows: Sequence[np.ndarray], batch_size: int, max_atoms: int) -> np.ndarray:

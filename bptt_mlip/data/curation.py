@@ -91,3 +91,16 @@ def kfold_splits(n: int, k: int, seed: int = 0) -> list[tuple[np.ndarray, np.nda
         train = np.sort(np.concatenate([folds[j] for j in range(k) if j != i]))
         out.append((train, val))
     return out
+
+
+def subsample_frames(traj: Trajectory, stride: int) -> Trajectory:
+    """Keep frames 0, stride, 2*stride, ... and always the last frame (the relaxed target)."""
+    if stride <= 1 or traj.num_frames <= 2:
+        return traj
+    idx = np.unique(np.concatenate([np.arange(0, traj.num_frames, stride), [traj.num_frames - 1]]))
+    return traj.replace(
+        positions=traj.positions[idx],
+        forces=None if traj.forces is None else traj.forces[idx],
+        energies=None if traj.energies is None else traj.energies[idx],
+        cells=None if traj.cells is None else traj.cells[idx],
+    )

@@ -1,10 +1,13 @@
-"""Force models: ADAPT (the paper's Transformer), reference pair potentials, and their
-standardisation statistics. A force model is any ``force_fn(params, structures) -> [B, N, 3]``
-(:data:`bptt_mlip.types.ForceFn`); nothing outside this room depends on which one."""
+"""Force models: ADAPT (the paper's Transformer) and its periodic variant
+(``AdaptConfig(geometry="minimum_image")``), reference pair potentials, their standardisation
+statistics, and constraints that wrap any force model (zero net force). A force model is any
+``force_fn(params, structures) -> [B, N, 3]`` (:data:`bptt_mlip.types.ForceFn`); nothing outside
+this room depends on which one."""
 
 from bptt_mlip.models.adapt import (
     PUBLISHED,
     SMALL,
+    SMALL_PERIODIC,
     TINY,
     AdaptConfig,
     Normalizer,
@@ -14,3 +17,4 @@ from bptt_mlip.models.adapt import (
     make_force_fn,
     make_train_force_fn,
 )
+from bptt_mlip.models.constraints import remove_net_force, zero_net_force

@@ -1,6 +1,6 @@
 """ADAPT: a Transformer-encoder force model over atoms as points in space (Flax linen).
 
-The architecture follows the public ADAPT implementation (see ``shared/DESIGN.md``):
+The architecture follows the public ADAPT implementation of the paper:
 
 * per-atom input: x, y, z (Å) plus nine element descriptors (12 numbers), standardised
   with training-set statistics ``(v - mean) / (0.3 * (std + 1e-6))``; optionally extra
@@ -13,12 +13,21 @@ The architecture follows the public ADAPT implementation (see ``shared/DESIGN.md
   standardised units and mapped back to eV/Å with the force statistics.
 
 No positional encoding is used, so the model is permutation-equivariant over atoms.
+
+Two options go beyond the published model (both off by default):
+
+* ``geometry="minimum_image"``: the periodic ADAPT of :mod:`bptt_mlip.models.periodic` (no absolute
+  coordinates; attention biased by minimum-image pair distances; pairwise equivariant force
+  readout). :func:`init_params`, :func:`make_force_fn` and :func:`make_train_force_fn` dispatch on it.
+* ``net_force="zero"``: subtract each structure's mean force over its real atoms
+  (:func:`bptt_mlip.models.constraints.remove_net_force`), so that FIRE cannot drift.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import functools
+from typing import TYPE_CHECKING, Any, Sequence
 
 import chex
 import flax.linen as nn
@@ -28,12 +37,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from bptt_mlip import descriptors
+from bptt_mlip.models.constraints import remove_net_force
 from bptt_mlip.structures import Structures
 from bptt_mlip.types import ForceFn, Params
+
+if TYPE_CHECKING:
+    from bptt_mlip.data.trajectory import Trajectory
 
 
 MATMUL_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 """``AdaptConfig.matmul_dtype`` -> Flax ``dtype`` of Dense/attention (None: float32, Flax's default)."""
+
+GEOMETRIES = ("cartesian", "minimum_image")
+NET_FORCE_MODES = ("free", "zero")
 
 NORM_SCALE = 0.3
 NORM_EPS = 1e-6
@@ -56,6 +72,15 @@ class AdaptConfig:
       matmul_dtype: ``"float32"`` (default) or ``"bfloat16"``: the dtype the Dense layers and
         attention compute in. Parameters, LayerNorms, the final Dense(3) force head and everything
         outside the model stay float32 (see docs/performance.md for the effect on Dq and speed).
+      geometry: ``"cartesian"`` (published: raw coordinates, no periodic boundaries) or
+        ``"minimum_image"`` (the periodic ADAPT of :mod:`bptt_mlip.models.periodic`; needs
+        ``input_encoding="xyz"``, whose coordinates it then does not use).
+      net_force: ``"free"`` (published: forces as predicted) or ``"zero"`` (each structure's mean
+        force over its real atoms is subtracted). The periodic model sums to zero either way.
+      cutoff: ``"minimum_image"`` only: pair cutoff in Å; at most half the smallest perpendicular
+        width of every cell it sees (``periodic.cutoff_limit``), 5.43 Å for the 64-atom Si host.
+      num_radial: ``"minimum_image"`` only: Gaussian radial basis functions on [0, cutoff].
+      pair_hidden: ``"minimum_image"`` only: hidden width of the pairwise force-weight MLP.
     """
 
     d_model: int = 256
@@ -67,6 +92,11 @@ class AdaptConfig:
     input_encoding: str = "xyz"
     fourier_frequencies: tuple[int, ...] = (1, 2, 4, 8)
     matmul_dtype: str = "float32"
+    geometry: str = "cartesian"
+    net_force: str = "free"
+    cutoff: float = 5.0
+    num_radial: int = 16
+    pair_hidden: int = 32
 
     def __post_init__(self):
         if self.d_model % self.num_heads:
@@ -75,6 +105,15 @@ class AdaptConfig:
             raise ValueError(f"input_encoding must be 'xyz' or 'xyz+fourier', got {self.input_encoding!r}")
         if self.matmul_dtype not in MATMUL_DTYPES:
             raise ValueError(f"matmul_dtype must be one of {tuple(MATMUL_DTYPES)}, got {self.matmul_dtype!r}")
+        if self.geometry not in GEOMETRIES:
+            raise ValueError(f"geometry must be one of {GEOMETRIES}, got {self.geometry!r}")
+        if self.net_force not in NET_FORCE_MODES:
+            raise ValueError(f"net_force must be one of {NET_FORCE_MODES}, got {self.net_force!r}")
+        if self.geometry == "minimum_image" and self.input_encoding != "xyz":
+            raise ValueError(f"geometry='minimum_image' sees no absolute coordinates; input_encoding must stay 'xyz', "
+                             f"got {self.input_encoding!r}")
+        if self.cutoff <= 0 or self.num_radial < 1 or self.pair_hidden < 1:
+            raise ValueError(f"cutoff, num_radial and pair_hidden must be positive: {self}")
         object.__setattr__(self, "fourier_frequencies", tuple(int(k) for k in self.fourier_frequencies))
 
     @property
@@ -83,12 +122,16 @@ class AdaptConfig:
 
     @property
     def num_inputs(self) -> int:
+        """Per-atom input width the model's first layer is built for (before any radial density)."""
+        if self.geometry == "minimum_image":
+            return descriptors.NUM_DESCRIPTORS
         return 3 + descriptors.NUM_DESCRIPTORS + self.num_fourier_features
 
 
 PUBLISHED = AdaptConfig()  # about 4 M parameters
 SMALL = AdaptConfig(d_model=64, d_ff=128, num_heads=4, num_layers=2, dropout=0.0, embed_hidden=64)
 TINY = AdaptConfig(d_model=16, d_ff=32, num_heads=2, num_layers=1, dropout=0.0, embed_hidden=16)
+SMALL_PERIODIC = dataclasses.replace(SMALL, geometry="minimum_image")
 
 
 @flax.struct.dataclass
@@ -113,6 +156,11 @@ class Normalizer:
         return Normalizer(
             input_mean=jnp.zeros(n), input_std=jnp.full(n, unit), force_mean=jnp.zeros(3), force_std=jnp.full(3, unit)
         )
+
+    @staticmethod
+    def from_arrays(arrays: dict) -> "Normalizer":
+        """Statistics from their saved arrays (the fields by name), as float32."""
+        return Normalizer(**{k: jnp.asarray(v, jnp.float32) for k, v in arrays.items()})
 
     def scale(self, std: jnp.ndarray) -> jnp.ndarray:
         return NORM_SCALE * (std + NORM_EPS)
@@ -146,6 +194,21 @@ def fit_normalizer(positions: np.ndarray, features: np.ndarray, forces: np.ndarr
     )
 
 
+def normalizer_from_trajectories(trajs: Sequence["Trajectory"]) -> Normalizer:
+    """Fit input and force statistics over every frame of training trajectories
+    (:class:`bptt_mlip.data.trajectory.Trajectory` records with forces)."""
+    pos, feat, frc = [], [], []
+    for t in trajs:
+        if t.forces is None:
+            raise ValueError(f"{t.where()}: no forces; force statistics need them")
+        f = descriptors.element_features(t.species)
+        pos.append(t.positions.reshape(-1, 3))
+        feat.append(np.broadcast_to(f, (t.num_frames,) + f.shape).reshape(-1, f.shape[-1]))
+        frc.append(t.forces.reshape(-1, 3))
+    p, ft, fr = np.concatenate(pos), np.concatenate(feat), np.concatenate(frc)
+    return fit_normalizer(p, ft, fr, np.ones(p.shape[0], bool))
+
+
 def fractional_fourier_features(positions: jnp.ndarray, cell: jnp.ndarray, frequencies: tuple[int, ...]) -> jnp.ndarray:
     """sin/cos(2 pi k s) of fractional coordinates s = x @ inv(cell); [B, N, 6 * len(frequencies)].
 
@@ -162,7 +225,11 @@ def fractional_fourier_features(positions: jnp.ndarray, cell: jnp.ndarray, frequ
 
 
 class EncoderBlock(nn.Module):
-    """Post-LayerNorm Transformer encoder block with a key padding mask."""
+    """Post-LayerNorm Transformer encoder block with a key padding mask.
+
+    ``attn_bias`` (optional, [B, H, N, N]) is added to the attention logits before the softmax
+    (the periodic ADAPT's pair-distance bias); without it the block is the published one.
+    """
 
     d_model: int
     d_ff: int
@@ -171,11 +238,16 @@ class EncoderBlock(nn.Module):
     dtype: Any = None  # computation dtype of Dense/attention (None: float32); LayerNorms stay float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, attn_mask: jnp.ndarray, deterministic: bool) -> jnp.ndarray:
+    def __call__(
+        self, x: jnp.ndarray, attn_mask: jnp.ndarray, deterministic: bool, attn_bias: jnp.ndarray | None = None
+    ) -> jnp.ndarray:
         ln_dtype = None if self.dtype is None else jnp.float32
+        attention_fn = nn.dot_product_attention
+        if attn_bias is not None:
+            attention_fn = functools.partial(nn.dot_product_attention, bias=attn_bias)
         attn = nn.MultiHeadDotProductAttention(
             num_heads=self.num_heads, qkv_features=self.d_model, out_features=self.d_model, dtype=self.dtype,
-            name="attention",
+            attention_fn=attention_fn, name="attention",
         )(x, x, mask=attn_mask, deterministic=True)
         h = nn.LayerNorm(dtype=ln_dtype, name="norm1")(x + nn.Dropout(self.dropout)(attn, deterministic=deterministic))
         ff = nn.Dense(self.d_model, dtype=self.dtype, name="ff_out")(
@@ -213,7 +285,7 @@ class Adapt(nn.Module):
 
 
 def model_inputs(structures: Structures, normalizer: Normalizer, config: AdaptConfig) -> jnp.ndarray:
-    """Standardised per-atom model inputs [B, N, config.num_inputs]; zeros on padded atoms."""
+    """Standardised per-atom inputs of the cartesian model [B, N, config.num_inputs]; zeros on padded atoms."""
     raw = jnp.concatenate([structures.positions, structures.features], axis=-1)
     x = normalizer.normalize_inputs(raw)
     if config.input_encoding == "xyz+fourier":
@@ -224,7 +296,11 @@ def model_inputs(structures: Structures, normalizer: Normalizer, config: AdaptCo
 
 
 def init_params(config: AdaptConfig, key: jax.Array, max_atoms: int = 8) -> Params:
-    """Random ADAPT parameters (Flax default initialisers)."""
+    """Random ADAPT parameters (Flax default initialisers), for either geometry."""
+    if config.geometry == "minimum_image":
+        from bptt_mlip.models import periodic  # imported here: periodic builds on this module's blocks
+
+        return periodic.init_periodic_params(config, key, max_atoms)
     dummy = jnp.zeros((1, max_atoms, config.num_inputs), jnp.float32)
     return Adapt(config).init(key, dummy, jnp.ones((1, max_atoms), bool))["params"]
 
@@ -238,17 +314,27 @@ def adapt_forces(
     deterministic: bool = True,
     dropout_key: jax.Array | None = None,
 ) -> jnp.ndarray:
-    """ADAPT forces in eV/Å, [B, N, 3]; exactly zero on padded atoms."""
+    """ADAPT forces in eV/Å, [B, N, 3] (either geometry); exactly zero on padded atoms."""
     chex.assert_rank(structures.positions, 3)
-    inputs = model_inputs(structures, normalizer, config)
-    rngs = None if deterministic else {"dropout": dropout_key}
-    out = Adapt(config).apply({"params": params}, inputs, structures.mask, deterministic, rngs=rngs)
-    forces = normalizer.denormalize_forces(out)
-    return jnp.where(structures.mask[..., None], forces, 0.0)
+    if config.geometry == "minimum_image":
+        from bptt_mlip.models import periodic  # imported here: periodic builds on this module's blocks
+
+        forces = periodic.periodic_forces(
+            params, structures, config, normalizer, deterministic=deterministic, dropout_key=dropout_key
+        )
+    else:
+        inputs = model_inputs(structures, normalizer, config)
+        rngs = None if deterministic else {"dropout": dropout_key}
+        out = Adapt(config).apply({"params": params}, inputs, structures.mask, deterministic, rngs=rngs)
+        forces = jnp.where(structures.mask[..., None], normalizer.denormalize_forces(out), 0.0)
+    if config.net_force == "zero":
+        forces = remove_net_force(forces, structures.mask)
+    return forces
 
 
 def make_force_fn(config: AdaptConfig, normalizer: Normalizer) -> ForceFn:
-    """Bind config and statistics: returns ``force_fn(params, structures) -> forces [B, N, 3]`` (eV/Å)."""
+    """Bind config and statistics: returns ``force_fn(params, structures) -> forces [B, N, 3]`` (eV/Å),
+    for either geometry and with the config's net-force option applied."""
 
     def force_fn(params: Params, structures: Structures) -> jnp.ndarray:
         return adapt_forces(params, structures, config, normalizer)

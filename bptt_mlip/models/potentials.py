@@ -8,7 +8,6 @@ Units: distances Å, energies eV, forces eV/Å.
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -3,14 +3,20 @@
 Generic over the force model: every function takes a ``force_fn(params, structures)``."""
 
 from bptt_mlip.relax.scan import (
+    FrameModifiers,
     RolloutConfig,
     RolloutResult,
-    StepConfig,
-    StepSizeFn,
     displacement,
     frame,
-    init_step_params,
-    make_step_size_fn,
     rms_displacement,
     rollout,
+)
+from bptt_mlip.relax.step_rules import (
+    FixedStep,
+    LearnableStep,
+    StepRule,
+    register_step_rule,
+    step_rule_from_checkpoint,
+    step_rule_from_dict,
+    step_rule_to_dict,
 )

@@ -24,27 +24,33 @@ One ASE step for one structure (forces ``F`` at the current positions, velocity 
 
 ``Optimizer.run(fmax, steps)`` checks convergence on the forces at the current positions
 *before* each step (``max_i |F_i| < fmax``, the largest per-atom force norm) and stops
-when converged or after ``steps`` steps. Hence ``FireState.n_steps`` equals ASE's
-``opt.nsteps`` and ``FireState.converged`` equals ``opt.run``'s return value.
+when converged or after ``steps`` steps. Hence ``FireState.num_frames`` (FIRE steps applied,
+one frame each) equals ASE's ``opt.nsteps`` and ``FireState.converged`` equals ``opt.run``'s
+return value.
 
 Usage (``force_fn`` maps [B, N, 3] positions to [B, N, 3] forces in eV/Å)::
 
     state, traj = fire_relax(force_fn, positions, mask, FireConfig(fmax=0.05))
 
 ``fire_relax`` only uses ``lax`` control flow and ``jnp.where``, so it can be wrapped in
-``jax.jit`` (close over ``force_fn`` and ``config``; they are static).
+``jax.jit`` (close over ``force_fn`` and ``config``; they are static). For a model's
+``force_fn(params, structures)``, :func:`make_fire_runner` gives one cached jitted runner.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import functools
+from typing import NamedTuple
 
 import chex
 import flax.struct
 import jax
 import jax.numpy as jnp
-from bptt_mlip.types import PositionForceFn
+
+from bptt_mlip.losses import safe_sqrt
+from bptt_mlip.structures import Structures
+from bptt_mlip.types import ForceFn, Params, PositionForceFn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +95,7 @@ class FireState:
       a: [B] current mixing coefficient of each structure.
       n_pos: [B] int32 consecutive downhill steps (ASE's ``FIRE.Nsteps``).
       converged: [B] bool, largest per-atom force norm at ``positions`` < ``fmax``.
-      n_steps: [B] int32 FIRE steps actually taken (ASE's ``opt.nsteps``).
+      num_frames: [B] int32 FIRE steps applied, one frame each (ASE's ``opt.nsteps``).
     """
 
     positions: jnp.ndarray
@@ -99,7 +105,7 @@ class FireState:
     a: jnp.ndarray
     n_pos: jnp.ndarray
     converged: jnp.ndarray
-    n_steps: jnp.ndarray
+    num_frames: jnp.ndarray
 
 
 def _masked_forces(force_fn: PositionForceFn, positions: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
@@ -110,12 +116,12 @@ def _masked_forces(force_fn: PositionForceFn, positions: jnp.ndarray, mask: jnp.
 
 
 def max_force(forces: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
-    """[B] largest per-atom force norm over the real atoms (0 for an empty structure)."""
+    """[B] largest per-atom force norm over the real atoms (0 for an empty structure, NaN when a
+    real atom's force is NaN, so such a structure never counts as converged)."""
     sq = jnp.sum(forces * forces, axis=-1)
     sq = jnp.max(jnp.where(mask, sq, 0.0), axis=-1)
     # sqrt is monotone, so sqrt(max |F_i|^2) == max |F_i| as in ASE; safe at zero.
-    positive = sq > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+    return jnp.where(jnp.isnan(sq), sq, safe_sqrt(sq))
 
 
 def _vdot(x: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:
@@ -123,13 +129,8 @@ def _vdot(x: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:
     return jnp.sum(x * y, axis=(-2, -1))
 
 
-def _safe_sqrt(x: jnp.ndarray) -> jnp.ndarray:
-    positive = x > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
-
-
 def _active(state: FireState, config: FireConfig) -> jnp.ndarray:
-    return jnp.logical_not(state.converged) & (state.n_steps < config.max_steps)
+    return jnp.logical_not(state.converged) & (state.num_frames < config.max_steps)
 
 
 def fire_init(force_fn: PositionForceFn, positions: jnp.ndarray, mask: jnp.ndarray, config: FireConfig) -> FireState:
@@ -149,7 +150,7 @@ def fire_init(force_fn: PositionForceFn, positions: jnp.ndarray, mask: jnp.ndarr
         a=jnp.full((b,), config.a_start, dtype),
         n_pos=jnp.zeros((b,), jnp.int32),
         converged=max_force(forces, mask) < config.fmax,
-        n_steps=jnp.zeros((b,), jnp.int32),
+        num_frames=jnp.zeros((b,), jnp.int32),
     )
 
 
@@ -167,7 +168,7 @@ def fire_step(force_fn: PositionForceFn, state: FireState, mask: jnp.ndarray, co
     dt, a, n_pos = state.dt, state.a, state.n_pos
 
     # ASE starts with vel=None: the first step only sets v = 0 (no dt/a/n_pos update).
-    first = state.n_steps == 0
+    first = state.num_frames == 0
     vf = _vdot(f, v)
     grad2 = _vdot(f, f)
     downhill = (vf > 0.0) & ~first
@@ -176,7 +177,7 @@ def fire_step(force_fn: PositionForceFn, state: FireState, mask: jnp.ndarray, co
     # Downhill: mix the velocity towards the force direction (grad2 > 0 whenever vf > 0).
     # Same operation order as ASE: (1 - a) v + ((a F) / sqrt(F.F)) * sqrt(v.v).
     fnorm = jnp.sqrt(jnp.where(grad2 > 0, grad2, 1.0))[:, None, None]
-    vnorm = _safe_sqrt(_vdot(v, v))[:, None, None]
+    vnorm = safe_sqrt(_vdot(v, v))[:, None, None]
     a3 = a[:, None, None]
     v_mix = (1.0 - a3) * v + a3 * f / fnorm * vnorm
     grow = downhill & (n_pos > config.n_min)
@@ -193,7 +194,7 @@ def fire_step(force_fn: PositionForceFn, state: FireState, mask: jnp.ndarray, co
     dt3 = dt_new[:, None, None]
     v_new = v_new + dt3 * f
     dr = dt3 * v_new
-    normdr = _safe_sqrt(_vdot(dr, dr))
+    normdr = safe_sqrt(_vdot(dr, dr))
     clip = normdr > config.maxstep
     safe_normdr = jnp.where(clip, normdr, 1.0)[:, None, None]
     dr = jnp.where(clip[:, None, None], config.maxstep * dr / safe_normdr, dr)
@@ -214,7 +215,7 @@ def fire_step(force_fn: PositionForceFn, state: FireState, mask: jnp.ndarray, co
         a=jnp.where(active, a_new, a).astype(dtype),
         n_pos=jnp.where(active, n_pos_new, n_pos).astype(jnp.int32),
         converged=converged,
-        n_steps=state.n_steps + active.astype(jnp.int32),
+        num_frames=state.num_frames + active.astype(jnp.int32),
     )
 
 
@@ -240,7 +241,7 @@ def fire_relax(
     Returns:
       The final :class:`FireState` and, with ``return_trajectory``, a
       [max_steps + 1, B, N, 3] array of positions: frame 0 is the start, frame t the
-      positions after step t; once structure b stops (after ``n_steps[b]`` steps) its
+      positions after step t; once structure b stops (after ``num_frames[b]`` steps) its
       frames repeat the final positions. Without it, ``None``.
     """
     state = fire_init(force_fn, positions, mask, config)
@@ -263,3 +264,38 @@ def fire_relax(
     )
     return state, None
 
+
+
+class FireRun(NamedTuple):
+    """What a :func:`make_fire_runner` runner returns for a batch of B structures.
+
+    Attributes:
+      state: the final :class:`FireState` (positions Å, ``num_frames``, ``converged``, ...).
+      max_force: [B] largest per-atom force norm (eV/Å) at the final positions (0 on padding rows).
+      diverged: [B] bool, the final positions are not all finite.
+      trajectory: [max_steps + 1, B, N, 3] positions (Å) with ``return_trajectory``, else None.
+    """
+
+    state: FireState
+    max_force: jnp.ndarray
+    diverged: jnp.ndarray
+    trajectory: jnp.ndarray | None
+
+
+@functools.lru_cache(maxsize=64)
+def make_fire_runner(force_fn: ForceFn, config: FireConfig = FireConfig(), return_trajectory: bool = False):
+    """A jitted ``run(model_params, structures) -> FireRun``: FIRE on a model's forces.
+
+    ``force_fn(model_params, structures) -> [B, N, 3]`` eV/Å is any force model. Cached on its
+    (hashable) arguments, so every caller with the same force function and config shares one
+    compiled function per batch shape.
+    """
+
+    def run(model_params: Params, structures: Structures) -> FireRun:
+        fn = lambda x: force_fn(model_params, structures.replace(positions=x))  # noqa: E731
+        state, trajectory = fire_relax(fn, structures.positions, structures.mask, config,
+                                       return_trajectory=return_trajectory)
+        diverged = ~jnp.all(jnp.isfinite(state.positions), axis=(-1, -2))
+        return FireRun(state, max_force(state.forces, structures.mask), diverged, trajectory)
+
+    return jax.jit(run)

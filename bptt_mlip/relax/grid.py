@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from bptt_mlip import losses
 from bptt_mlip.relax import scan as relax
+from bptt_mlip.relax import step_rules
 
 from bptt_mlip.structures import RelaxationBatch
 from bptt_mlip.types import ForceFn, Params
@@ -52,13 +53,13 @@ def grid_search(
     ``chunk_size`` bounds memory: that many step sizes are vmapped at a time (``lax.map``);
     None vmaps all S at once. Jit the caller, or use :func:`make_grid_search`.
     """
-    step_size_fn = relax.make_step_size_fn(relax.StepConfig(kind="fixed"))
+    fixed = step_rules.FixedStep()  # its step size is the traced parameter eta: one computation serves every eta
     config = dataclasses.replace(rollout_config, return_trajectory=False)
     s = batch.initial
 
     def one(eta):
-        params = {"model": model_params, "step": {"eta": eta}}
-        res = relax.rollout(force_fn, step_size_fn, params, s, relax.StepConfig(kind="fixed"), config)
+        params = {"model": model_params, "step_rule": {"eta": eta}}
+        res = relax.rollout(force_fn, fixed, params, s, relax.FrameModifiers(), config)
         dq = losses.delta_q(res.positions, batch.target_positions, s.masses, s.mask)
         return dq, res.num_frames, res.converged, res.diverged
 
@@ -74,10 +75,3 @@ def grid_search(
 def make_grid_search(force_fn: ForceFn, rollout_config: relax.RolloutConfig, chunk_size: int | None = None):
     """A jit-compiled ``search(model_params, batch, step_sizes) -> GridResult``."""
     return jax.jit(functools.partial(grid_search, force_fn, rollout_config=rollout_config, chunk_size=chunk_size))
-
-
-def best_step(mean_dq_per_step: jnp.ndarray, step_sizes: jnp.ndarray) -> tuple[float, float]:
-    """(step size, mean Dq) of the lowest finite mean Dq."""
-    mean = jnp.where(jnp.isfinite(mean_dq_per_step), mean_dq_per_step, jnp.inf)
-    i = int(jnp.argmin(mean))
-    return float(step_sizes[i]), float(mean[i])

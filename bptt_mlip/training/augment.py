@@ -1,4 +1,4 @@
-"""Rigid-motion augmentation of whole relaxations (issue 9).
+"""Rigid-motion augmentation of whole relaxations (a regulariser of BPTT fine-tuning).
 
 ADAPT reads raw Cartesian coordinates and predicts forces directly, so nothing in its
 architecture makes it rotation-equivariant or translation-invariant. Relaxations do not care
@@ -44,7 +44,8 @@ def rigid_motions(
     """Per structure a rotation [B, 3, 3] (identity if not ``rotate``) and a translation [B, 3]
     in Å, each component uniform in ``[-max_translation, max_translation]``."""
     k_rot, k_shift = jax.random.split(key)
-    rot = random_rotations(k_rot, batch_size, dtype) if rotate else jnp.broadcast_to(jnp.eye(3, dtype=dtype), (batch_size, 3, 3))
+    identity = jnp.broadcast_to(jnp.eye(3, dtype=dtype), (batch_size, 3, 3))
+    rot = random_rotations(k_rot, batch_size, dtype) if rotate else identity
     shift = (
         jax.random.uniform(k_shift, (batch_size, 3), dtype, -max_translation, max_translation)
         if max_translation
@@ -61,7 +62,8 @@ def _move_points(x: jnp.ndarray, rot: jnp.ndarray, shift: jnp.ndarray, mask: jnp
 
 def _move_structures(s: Structures, rot: jnp.ndarray, shift: jnp.ndarray) -> Structures:
     # rows of the cell are lattice vectors: a_k -> R a_k, i.e. cell -> cell @ R^T
-    return s.replace(positions=_move_points(s.positions, rot, shift, s.mask), cell=jnp.einsum("bkj,bij->bki", s.cell, rot))
+    cell = jnp.einsum("bkj,bij->bki", s.cell, rot)
+    return s.replace(positions=_move_points(s.positions, rot, shift, s.mask), cell=cell)
 
 
 def augment_relaxation_batch(
@@ -84,6 +86,8 @@ def augment_force_batch(
     """Apply one random rigid motion per frame to its positions and cell, and the rotation to
     its reference forces (eV/Å)."""
     s = batch.structures
-    rot, shift = rigid_motions(key, s.batch_size, rotate=rotate, max_translation=max_translation, dtype=s.positions.dtype)
+    rot, shift = rigid_motions(key, s.batch_size, rotate=rotate, max_translation=max_translation,
+                               dtype=s.positions.dtype)
     zero = jnp.zeros_like(shift)
-    return batch.replace(structures=_move_structures(s, rot, shift), forces=_move_points(batch.forces, rot, zero, s.mask))
+    forces = _move_points(batch.forces, rot, zero, s.mask)
+    return batch.replace(structures=_move_structures(s, rot, shift), forces=forces)

@@ -17,39 +17,35 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from bptt_mlip.models.adapt import AdaptConfig, Normalizer
-from bptt_mlip.relax.scan import StepConfig
 
 
-def _manager(directory: str | os.PathLike, max_to_keep: int | None = 3) -> ocp.CheckpointManager:
+def manager(directory: str | os.PathLike, max_to_keep: int | None = 3) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
     return ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
 
-def normalizer_to_dict(normalizer: Normalizer) -> dict[str, np.ndarray]:
-    return {f.name: np.asarray(getattr(normalizer, f.name)) for f in dataclasses.fields(normalizer)}
-
-
-def normalizer_from_dict(d: dict[str, Any]) -> Normalizer:
-    return Normalizer(**{k: jnp.asarray(v, jnp.float32) for k, v in d.items()})
+def arrays_of(statistics: Any) -> dict[str, np.ndarray]:
+    """The array fields of a dataclass pytree (a model's standardisation statistics) by name."""
+    return {f.name: np.asarray(getattr(statistics, f.name)) for f in dataclasses.fields(statistics)}
 
 
 def save_checkpoint(
     directory: str | os.PathLike,
     step: int,
     state: Any,
-    normalizer: Normalizer,
+    normalizer: Any,
     meta: dict[str, Any],
     *,
     max_to_keep: int | None = 3,
 ) -> Path:
-    """Save ``state`` (a TrainState), the model part and JSON ``meta`` as step ``step``; blocks until written."""
-    mngr = _manager(directory, max_to_keep)
-    model = {"params": state.params, "normalizer": normalizer_to_dict(normalizer)}
+    """Save ``state`` (a TrainState), the model part (``state.params`` and the array fields of
+    ``normalizer``, the model's standardisation statistics) and JSON ``meta`` as step ``step``;
+    blocks until written."""
+    mngr = manager(directory, max_to_keep)
+    model = {"params": state.params, "normalizer": arrays_of(normalizer)}
     mngr.save(
         int(step),
         args=ocp.args.Composite(
@@ -65,7 +61,7 @@ def save_checkpoint(
 def latest_step(directory: str | os.PathLike) -> int | None:
     if not Path(directory).exists():
         return None
-    mngr = _manager(directory, None)
+    mngr = manager(directory, None)
     step = mngr.latest_step()
     mngr.close()
     return step
@@ -73,7 +69,7 @@ def latest_step(directory: str | os.PathLike) -> int | None:
 
 def restore_state(directory: str | os.PathLike, target: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
     """Restore the full training state into the structure of ``target`` (an example state). Returns (state, meta)."""
-    mngr = _manager(directory, None)
+    mngr = manager(directory, None)
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {directory}")
@@ -85,32 +81,9 @@ def restore_state(directory: str | os.PathLike, target: Any, step: int | None = 
     return out["state"], out["meta"]
 
 
-def restore_model(directory: str | os.PathLike, step: int | None = None) -> tuple[dict[str, Any], Normalizer, dict]:
-    """Restore ``(params, normalizer, meta)`` without knowing the training set-up.
-
-    ``params`` is ``{"model": ..., "step": ...}`` as saved.
-    """
-    mngr = _manager(directory, None)
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {directory}")
-    out = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-    mngr.close()
-    model = jax.tree_util.tree_map(jnp.asarray, out["model"])
-    return model["params"], normalizer_from_dict(model["normalizer"]), out["meta"]
-
-
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A frozen config dataclass as a JSON-friendly dict (tuples become lists)."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
-
-
-def adapt_config_from_dict(d: dict[str, Any]) -> AdaptConfig:
-    return AdaptConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
-def step_config_from_dict(d: dict[str, Any]) -> StepConfig:
-    return StepConfig(**d)
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,7 +135,7 @@ def save_training_checkpoint(
     directory = Path(directory).absolute()
     if (directory / str(int(step))).exists():  # e.g. a step-interval save followed by the epoch-end one
         shutil.rmtree(directory / str(int(step)))
-    mngr = _manager(directory, max_to_keep)
+    mngr = manager(directory, max_to_keep)
     items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
     items.update({f"tree_{k}": ocp.args.StandardSave(v) for k, v in trees.items()})
     mngr.save(int(step), args=ocp.args.Composite(**items), force=True)
@@ -185,7 +158,7 @@ def checkpoint_steps(directory: str | os.PathLike) -> list[int]:
     d = Path(directory)
     if not d.exists():
         return []
-    mngr = _manager(d, None)
+    mngr = manager(d, None)
     steps = sorted(mngr.all_steps())
     mngr.close()
     return steps
@@ -225,35 +198,51 @@ def restore_training_checkpoint(
 ) -> tuple[int, Any, dict[str, Any], dict[str, Any]] | None:
     """Restore the newest good step: ``(step, state, trees, meta)``, or None if no step is good.
 
-    Steps are tried newest first; one that fails :func:`verify_training_checkpoint` or whose
-    restore raises is reported through ``report(message)`` and skipped (and, with
-    ``delete_bad``, removed, so that the resumed run can write that step again).
+    Steps are tried newest first. One that fails :func:`verify_training_checkpoint`, or that has
+    no integrity record (written only in part) and does not restore, is reported through
+    ``report(message)`` and skipped (and, with ``delete_bad``, removed, so that the resumed run
+    can write that step again). A step whose files are intact but whose contents do not fit
+    ``state_target`` (written by another version of the library or with other settings) is never
+    deleted: :class:`CheckpointIncompatible` is raised naming it.
     """
     import shutil
 
     directory = Path(directory).absolute()
-    steps = checkpoint_steps(directory)
-    for step in reversed(steps):
+    for step in reversed(checkpoint_steps(directory)):
         try:
             verify_training_checkpoint(directory, step)
-            mngr = _manager(directory, None)
-            abstract = lambda t: jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, t)
-            items = {"state": ocp.args.StandardRestore(abstract(state_target)), "meta": ocp.args.JsonRestore()}
-            items.update({f"tree_{k}": ocp.args.StandardRestore(abstract(v)) for k, v in tree_targets.items()})
-            try:
-                out = mngr.restore(step, args=ocp.args.Composite(**items))
-            finally:
-                mngr.close()
-            meta = out["meta"]
-            if not isinstance(meta, dict):
-                raise CheckpointCorrupt("metadata is not a JSON object")
+            out = _restore_step(directory, step, state_target, tree_targets)
         except Exception as err:  # noqa: BLE001 - any failure means: not usable
             msg = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+            if not isinstance(err, CheckpointCorrupt) and _integrity_path(directory, step).exists():
+                raise CheckpointIncompatible(
+                    f"checkpoint step {step} in {directory} is complete but does not match this run's training state "
+                    f"({msg}); it was written by another version of bptt-mlip or with other settings. It was left "
+                    "in place: resume it with the version and settings that wrote it, or start a new run directory"
+                ) from err
             report(f"checkpoint step {step} in {directory} is corrupt or partial ({msg}); using the one before")
             if delete_bad:
                 shutil.rmtree(directory / str(step), ignore_errors=True)
                 _integrity_path(directory, step).unlink(missing_ok=True)
             continue
         trees = {k: out[f"tree_{k}"] for k in tree_targets}
-        return step, out["state"], trees, meta
+        return step, out["state"], trees, out["meta"]
     return None
+
+
+class CheckpointIncompatible(RuntimeError):
+    """A complete checkpoint whose saved training state does not fit the run resuming it."""
+
+
+def _restore_step(directory: Path, step: int, state_target: Any, tree_targets: dict[str, Any]) -> dict[str, Any]:
+    mngr = manager(directory, None)
+    abstract = lambda t: jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, t)  # noqa: E731
+    items = {"state": ocp.args.StandardRestore(abstract(state_target)), "meta": ocp.args.JsonRestore()}
+    items.update({f"tree_{k}": ocp.args.StandardRestore(abstract(v)) for k, v in tree_targets.items()})
+    try:
+        out = mngr.restore(step, args=ocp.args.Composite(**items))
+    finally:
+        mngr.close()
+    if not isinstance(out["meta"], dict):
+        raise CheckpointCorrupt("metadata is not a JSON object")
+    return out

@@ -1,31 +1,65 @@
-"""Evaluation over many batches: per-structure Dq of relaxations and force errors.
+"""Evaluation over many batches: per-structure Dq of relaxations and force errors, and the
+tables the experiments print (fixed-step grid over trajectories, FIRE, a step rule).
 
-Results are numpy arrays over the real structures only (padding rows removed). Diverged
-relaxations are never silently averaged: :func:`summarize` reports their count and the mean
-over the rest as well as over all.
+Results are numpy arrays over the real structures only (padding rows removed, see
+:func:`per_structure`). Diverged relaxations are never silently averaged: :func:`summarize`
+reports their count and the mean over the rest as well as over all.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterable
+from typing import Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bptt_mlip import losses
+from bptt_mlip import losses, progress
+from bptt_mlip.data import batching
+from bptt_mlip.data.trajectory import Trajectory
+from bptt_mlip.relax import fire
+from bptt_mlip.relax import grid
 from bptt_mlip.relax import scan as relax
-
+from bptt_mlip.relax.step_rules import StepRule
 from bptt_mlip.structures import ForceBatch, RelaxationBatch
 from bptt_mlip.types import ForceFn, Params
+
+BatchFn = Callable[[int, "RelaxationBatch | ForceBatch"], dict]
+
+
+def real_rows(
+    run: BatchFn, batches: Iterable, *, axis: int = 0, bar: progress.Progress | None = None
+) -> Iterator[dict[str, np.ndarray]]:
+    """Call ``run(i, batch) -> {name: array}`` on each batch; yield the arrays without padding rows.
+
+    ``axis`` is the structure axis of every array ([B] per structure: 0; [S, B]: 1). A row is
+    padding when ``batch.weight`` is 0. ``bar`` (optional) advances once per batch.
+    """
+    for i, batch in enumerate(batches):
+        res = run(i, batch)
+        if bar is not None:
+            bar.update()
+        real = np.asarray(batch.weight) > 0
+        yield {k: np.compress(real, np.asarray(v), axis=axis) for k, v in res.items()}
+
+
+def per_structure(
+    run: BatchFn, batches: Iterable, *, axis: int = 0, bar: progress.Progress | None = None
+) -> dict[str, np.ndarray]:
+    """:func:`real_rows` concatenated along ``axis``: one array per name over every real structure."""
+    out: dict[str, list] = {}
+    for res in real_rows(run, batches, axis=axis, bar=bar):
+        for k, v in res.items():
+            out.setdefault(k, []).append(v)
+    return {k: np.concatenate(v, axis=axis) for k, v in out.items()}
 
 
 @functools.lru_cache(maxsize=64)
 def make_relax_eval(
     force_fn: ForceFn,
-    step_size_fn: relax.StepSizeFn,
-    step_config: relax.StepConfig,
+    step_rule: StepRule,
+    modifiers: relax.FrameModifiers,
     rollout_config: relax.RolloutConfig,
 ):
     """A jitted ``fn(params, batch, key) -> dict`` of per-structure Dq, frames, flags for one batch.
@@ -38,13 +72,13 @@ def make_relax_eval(
     def run(params, batch: RelaxationBatch, key):
         s = batch.initial
         res = relax.rollout(
-            force_fn, step_size_fn, params, s, step_config, rollout_config, key=key if step_config.noise_std else None
+            force_fn, step_rule, params, s, modifiers, rollout_config, key=key if modifiers.noise_std else None
         )
         return {
             "dq": losses.delta_q(res.positions, batch.target_positions, s.masses, s.mask),
             "dq_initial": losses.delta_q(s.positions, batch.target_positions, s.masses, s.mask),
             "mse": losses.position_mse(res.positions, batch.target_positions, s.mask),
-            "frames": res.num_frames,
+            "num_frames": res.num_frames,
             "converged": res.converged,
             "diverged": res.diverged,
         }
@@ -54,24 +88,19 @@ def make_relax_eval(
 
 def evaluate_relaxations(
     force_fn: ForceFn,
-    step_size_fn: relax.StepSizeFn,
+    step_rule: StepRule,
     params: Params,
     batches: Iterable[RelaxationBatch],
-    step_config: relax.StepConfig = relax.StepConfig(),
+    modifiers: relax.FrameModifiers = relax.FrameModifiers(),
     rollout_config: relax.RolloutConfig = relax.RolloutConfig(),
     *,
     key: jax.Array | None = None,
 ) -> dict[str, np.ndarray]:
-    """Relax every batch; concatenate per-structure results over real rows."""
-    run = make_relax_eval(force_fn, step_size_fn, step_config, rollout_config)
+    """Relax every batch; per-structure ``dq``, ``dq_initial``, ``mse``, ``num_frames``, ``converged``,
+    ``diverged`` over the real rows (batch ``i`` draws its step noise from ``fold_in(key, i)``)."""
+    run = make_relax_eval(force_fn, step_rule, modifiers, rollout_config)
     key = jax.random.PRNGKey(0) if key is None else key
-    out: dict[str, list] = {}
-    for i, batch in enumerate(batches):
-        res = run(params, batch, jax.random.fold_in(key, i))
-        real = np.asarray(batch.weight) > 0
-        for k, v in res.items():
-            out.setdefault(k, []).append(np.asarray(v)[real])
-    return {k: np.concatenate(v) for k, v in out.items()}
+    return per_structure(lambda i, batch: run(params, batch, jax.random.fold_in(key, i)), batches)
 
 
 def summarize(per_structure: dict[str, np.ndarray]) -> dict[str, float]:
@@ -86,7 +115,7 @@ def summarize(per_structure: dict[str, np.ndarray]) -> dict[str, float]:
         "mean_dq_not_diverged": float(np.mean(dq[ok])) if ok.any() else float("nan"),
         "median_dq": float(np.median(dq[finite])) if finite.any() else float("nan"),
         "mean_dq_initial": float(np.mean(per_structure["dq_initial"])),
-        "mean_frames": float(np.mean(per_structure["frames"])),
+        "mean_frames": float(np.mean(per_structure["num_frames"])),
         "num_converged": int(np.sum(per_structure["converged"])),
         "num_diverged": int(np.sum(diverged)),
         "num_nonfinite": int(np.sum(~finite)),
@@ -110,12 +139,11 @@ def evaluate_forces(force_fn: ForceFn, model_params: Params, batches: Iterable[F
     """Force RMSE / MAE over all components (eV/Å), mean per-frame L2 error (paper table 2), and
     the RMSE of predicting zero force, for scale."""
     acc = {"sq": 0.0, "abs": 0.0, "l2": [], "zero_sq": 0.0, "count": 0.0}
-    for batch in batches:
-        res = _force_errors(force_fn, model_params, batch)
-        real = np.asarray(batch.weight) > 0
+    # summed per batch (not over the concatenation) so the float sums keep their order
+    for res in real_rows(lambda i, batch: _force_errors(force_fn, model_params, batch), batches):
         for k in ("sq", "abs", "zero_sq", "count"):
-            acc[k] += float(np.sum(np.asarray(res[k])[real]))
-        acc["l2"].append(np.asarray(res["l2"])[real])
+            acc[k] += float(np.sum(res[k]))
+        acc["l2"].append(res["l2"])
     n = max(acc["count"], 1.0)
     l2 = np.concatenate(acc["l2"]) if acc["l2"] else np.zeros(0)
     return {
@@ -125,3 +153,93 @@ def evaluate_forces(force_fn: ForceFn, model_params: Params, batches: Iterable[F
         "zero_force_rmse": float(np.sqrt(acc["zero_sq"] / n)),
         "num_frames": int(l2.size),
     }
+
+
+# --------------------------------------------------------------------------- tables over trajectories
+
+
+def grid_table(
+    force_fn: ForceFn,
+    model_params: Params,
+    trajs: Sequence[Trajectory],
+    step_sizes: Sequence[float],
+    rollout_config: relax.RolloutConfig,
+    *,
+    batch_size: int,
+    buckets: Sequence[int] = batching.DEFAULT_BUCKETS,
+    chunk_size: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Dq of every trajectory at every fixed step size (Å²/eV): :func:`bptt_mlip.relax.grid.grid_search`
+    (one compiled vmapped call per batch) over the batches of ``trajs``.
+
+    Returns ``{"step_sizes": [S], "dq": [S, n], "mean_dq": [S], "converged": [S, n], "num_frames": [S, n],
+    "diverged": [S, n]}`` (trajectories in batch order; ``mean_dq`` is inf where any Dq is not finite).
+    """
+    search = grid.make_grid_search(force_fn, rollout_config, chunk_size=chunk_size)
+    etas = jnp.asarray(step_sizes, jnp.float32)
+    fields = ("dq", "converged", "num_frames", "diverged")
+    bar = progress.Progress(progress.count_batches([t.num_atoms for t in trajs], batch_size, buckets),
+                            f"grid search ({len(step_sizes)} step sizes)")
+    out = per_structure(lambda i, batch: {k: getattr(search(model_params, batch, etas), k) for k in fields},
+                        batching.relaxation_batches(trajs, batch_size, buckets=buckets), axis=1, bar=bar)
+    bar.close()
+    out["step_sizes"] = np.asarray(step_sizes, np.float64)
+    with np.errstate(invalid="ignore"):
+        out["mean_dq"] = np.where(np.all(np.isfinite(out["dq"]), axis=1), out["dq"].mean(axis=1), np.inf)
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def make_fire_eval(force_fn: ForceFn, fire_config: fire.FireConfig):
+    """A jitted ``fn(model_params, batch) -> dict`` of per-structure Dq, frames and flags of FIRE
+    (ASE semantics) on the model's forces; cached like :func:`make_relax_eval`."""
+    runner = fire.make_fire_runner(force_fn, fire_config)
+
+    @jax.jit
+    def run(model_params, batch: RelaxationBatch):
+        s = batch.initial
+        end = runner(model_params, s)
+        return {
+            "dq": losses.delta_q(end.state.positions, batch.target_positions, s.masses, s.mask),
+            "dq_initial": losses.delta_q(s.positions, batch.target_positions, s.masses, s.mask),
+            "num_frames": end.state.num_frames,
+            "converged": end.state.converged,
+            "diverged": end.diverged,
+        }
+
+    return run
+
+
+def fire_table(
+    force_fn: ForceFn,
+    model_params: Params,
+    trajs: Sequence[Trajectory],
+    fire_config: fire.FireConfig,
+    *,
+    batch_size: int,
+    buckets: Sequence[int] = batching.DEFAULT_BUCKETS,
+) -> tuple[dict, dict]:
+    """(summary, per-structure arrays) of relaxing ``trajs`` with FIRE (ASE semantics) on the model's forces."""
+    run = make_fire_eval(force_fn, fire_config)
+    per = per_structure(lambda i, batch: run(model_params, batch),
+                        batching.relaxation_batches(trajs, batch_size, buckets=buckets))
+    return summarize(per), per
+
+
+def relaxation_table(
+    force_fn: ForceFn,
+    step_rule: StepRule,
+    params: Params,
+    trajs: Sequence[Trajectory],
+    modifiers: relax.FrameModifiers,
+    rollout_config: relax.RolloutConfig,
+    *,
+    batch_size: int,
+    buckets: Sequence[int] = batching.DEFAULT_BUCKETS,
+) -> tuple[dict, dict]:
+    """(summary, per-structure arrays) of relaxing ``trajs`` with the given model and step rule."""
+    per = evaluate_relaxations(
+        force_fn, step_rule, params, batching.relaxation_batches(trajs, batch_size, buckets=buckets),
+        modifiers, rollout_config,
+    )
+    return summarize(per), per

@@ -1,10 +1,10 @@
 """Optax chains for BPTT fine-tuning and force pretraining.
 
-The parameters are ``{"model": ..., "step": ...}``; each group gets its own chain through
+The parameters are ``{"model": ..., "step_rule": ...}``; each group gets its own chain through
 ``optax.partition``:
 
 * model: ``clip_by_global_norm -> proximal pull -> adam(w) -> scale(lr)``;
-* step: ``clip_by_global_norm -> adam -> scale(step_lr)``;
+* step_rule: ``clip_by_global_norm -> adam -> scale(step_rule_learning_rate)``;
 * a frozen group gets ``optax.set_to_zero()`` (figure 5a: train only the step size);
 * the whole update is wrapped in ``optax.apply_if_finite``: a non-finite gradient leaves the
   parameters unchanged and is counted (``nonfinite_counts``).
@@ -55,12 +55,13 @@ class OptimConfig:
 
     Attributes:
       learning_rate: Adam learning rate of the model group.
-      step_learning_rate: Adam learning rate of the step-size group (``"learnable"``/``"neural"``).
+      step_rule_learning_rate: Adam learning rate of the step rule's parameters (a learnable eta
+        or the neural step head).
       clip_norm: global-norm clip of each group's gradient (0 = off).
       proximal_weight: lambda of the proximal pull toward the initial model weights (0 = off).
       weight_decay: decoupled weight decay of the model group (AdamW; 0 = off).
-      freeze_model: train only the step parameters (figure 5a).
-      freeze_step: never change the step parameters.
+      freeze_model: train only the step rule's parameters (figure 5a).
+      freeze_step_rule: never change the step rule's parameters.
       warmup_steps: the model group's learning rate rises linearly from 0 to
         ``learning_rate`` over this many updates (0 = constant); deep post-LayerNorm
         Transformers often need it.
@@ -69,12 +70,12 @@ class OptimConfig:
     """
 
     learning_rate: float = 1e-4
-    step_learning_rate: float = 1e-3
+    step_rule_learning_rate: float = 1e-3
     clip_norm: float = 1.0
     proximal_weight: float = 0.0
     weight_decay: float = 0.0
     freeze_model: bool = False
-    freeze_step: bool = False
+    freeze_step_rule: bool = False
     warmup_steps: int = 0
     max_consecutive_nonfinite: int = 1_000_000
 
@@ -95,20 +96,21 @@ def _group_chain(lr: float, clip: float, prox: float = 0.0, wd: float = 0.0,
 
 
 def group_labels(params: Params) -> Params:
-    """Label every leaf of ``{"model", "step"}`` params with its group name."""
+    """Label every leaf of ``{"model", "step_rule"}`` params with its group name."""
     return {k: jax.tree_util.tree_map(lambda _, k=k: k, v) for k, v in params.items()}
 
 
 def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
-    """The full guarded, partitioned chain for ``{"model", "step"}`` parameters."""
+    """The full guarded, partitioned chain for ``{"model", "step_rule"}`` parameters."""
     model_tx = (
         optax.set_to_zero()
         if config.freeze_model
         else _group_chain(config.learning_rate, config.clip_norm, config.proximal_weight, config.weight_decay,
                           config.warmup_steps)
     )
-    step_tx = optax.set_to_zero() if config.freeze_step else _group_chain(config.step_learning_rate, config.clip_norm)
-    tx = optax.partition({"model": model_tx, "step": step_tx}, group_labels)
+    step_rule_tx = (optax.set_to_zero() if config.freeze_step_rule
+                    else _group_chain(config.step_rule_learning_rate, config.clip_norm))
+    tx = optax.partition({"model": model_tx, "step_rule": step_rule_tx}, group_labels)
     return optax.apply_if_finite(tx, max_consecutive_errors=config.max_consecutive_nonfinite)
 
 

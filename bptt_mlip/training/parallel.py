@@ -1,23 +1,25 @@
-"""Data-parallel BPTT: shard a batch of relaxations over devices along the batch axis.
+"""Data-parallel training helpers: a 1-D device mesh and the placement of batches and states.
 
 Every structure of a :class:`~bptt_mlip.structures.RelaxationBatch` relaxes independently, so
-the rollout is split over a 1-D device mesh along the batch axis (``NamedSharding`` with
+a batch is split over a 1-D device mesh along its batch axis (``NamedSharding`` with
 ``PartitionSpec("batch")`` on every batch leaf); the training state (parameters, optimiser
-state, key) is replicated. The existing BPTT step (:func:`bptt_mlip.train.make_bptt_step`) is
-jitted with these input/output shardings and XLA's SPMD partitioner inserts the one
-all-reduce of the batch-mean loss and its gradients. The result equals the single-device
-step up to float32 summation order.
+state, key) is replicated. The trainers of :mod:`bptt_mlip.training.steps` take the mesh
+(``make_bptt_trainer(..., mesh=mesh)``): their ``init`` replicates the state, their ``update``
+shards each batch and is jitted with these shardings, and XLA's SPMD partitioner inserts the
+one all-reduce of the batch-mean loss and its gradients. The result equals the one-device
+update up to float32 summation order.
 
 Single host, several accelerators (or CPU devices for testing with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=4``, set before ``import jax``)::
 
-    step = parallel.make_sharded_bptt_step(force_fn, step_size_fn, bptt_config, tx)
-    state = parallel.replicate(train.create_train_state(params, tx, key), step.mesh)
+    mesh = parallel.make_mesh()
+    trainer = steps.make_bptt_trainer(force_fn, step_rule, bptt_config, tx, mesh=mesh)
+    state = trainer.init(params, key)              # replicated on every device
     for batch in relaxation_batches(trajs, batch_size=8 * jax.device_count()):
-        state, metrics = step(state, batch)        # batch is sharded on the way in
+        state, metrics = trainer.update(state, batch)   # batch is sharded on the way in
 
 Several hosts: call :func:`initialize_distributed` first on every process (same arguments
-except ``process_id``), build the same step on every process (the mesh then spans every
+except ``process_id``), build the same trainer on every process (the mesh then spans every
 device of every host), and feed each process its own slice of the global batch with
 ``shard_batch(local_batch, mesh, local=True)``: the global batch size is
 ``num_processes * local_batch_size`` and must be divisible by the total device count.
@@ -25,18 +27,11 @@ device of every host), and feed each process its own slice of the global batch w
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-from bptt_mlip.relax import scan as relax
-from bptt_mlip.training import steps as train
-
-from bptt_mlip.structures import ForceBatch
-from bptt_mlip.types import ForceFn, TrainForceFn
 
 BATCH_AXIS = "batch"
 
@@ -91,7 +86,8 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
     if batch_size % n:
         raise ValueError(
             f"batch size {batch_size} is not divisible by the {n} devices of the mesh; use a batch size that is a "
-            f"multiple of {n} (padding rows with weight 0 are fine, e.g. relaxation_batches(..., batch_size={n * -(-batch_size // n)}))"
+            f"multiple of {n} (padding rows with weight 0 are fine, e.g. relaxation_batches(..., "
+            f"batch_size={n * -(-batch_size // n)}))"
         )
 
 
@@ -150,76 +146,9 @@ def fetch(tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)
 
 
-class ShardedStep:
-    """Callable ``(state, batch[, force_batch]) -> (state, metrics)`` that takes host or
-    device batches, shards them over ``mesh`` (every process passing the same global batch)
-    and runs the jitted step; ``mesh`` and ``jitted`` are exposed."""
-
-    def __init__(self, jitted: Callable, mesh: Mesh, jitted_with_forces: Callable | None = None):
-        self.jitted = jitted
-        self.jitted_with_forces = jitted_with_forces
-        self.mesh = mesh
-
-    def _place(self, batch):
-        sharding = batch_sharding(self.mesh)
-        if all(isinstance(x, jax.Array) and x.sharding == sharding for x in jax.tree_util.tree_leaves(batch)):
-            return batch  # already placed (e.g. by shard_batch); its size was checked there
-        return shard_global_batch(batch, self.mesh)
-
-    def __call__(self, state: train.TrainState, batch: Any, force_batch: ForceBatch | None = None):
-        batch = self._place(batch)
-        if force_batch is None:
-            return self.jitted(state, batch)
-        if self.jitted_with_forces is None:
-            raise ValueError("this sharded step was built without a force batch (a pretraining step takes one batch)")
-        return self.jitted_with_forces(state, batch, self._place(force_batch))
-
-    def lower(self, state, batch, force_batch: ForceBatch | None = None):
-        if force_batch is None:
-            return self.jitted.lower(state, batch)
-        return self.jitted_with_forces.lower(state, batch, force_batch)
-
-
-def _one_d(mesh: Mesh | None) -> Mesh:
+def one_d(mesh: Mesh | None) -> Mesh:
+    """``mesh`` (default: every device), checked to have one axis: the batch axis of data parallelism."""
     mesh = make_mesh() if mesh is None else mesh
     if len(mesh.axis_names) != 1:
-        raise ValueError(f"data-parallel steps need a 1-D mesh, got axes {mesh.axis_names}")
+        raise ValueError(f"data-parallel training needs a 1-D mesh, got axes {mesh.axis_names}")
     return mesh
-
-
-def make_sharded_bptt_step(
-    force_fn: ForceFn,
-    step_size_fn: relax.StepSizeFn,
-    config: train.BPTTConfig,
-    optimizer: optax.GradientTransformation,
-    mesh: Mesh | None = None,
-) -> ShardedStep:
-    """Data-parallel :func:`bptt_mlip.train.make_bptt_step`: ``step(state, batch, force_batch=None)``.
-
-    The batch (every leaf, leading axis) and, for the force term of
-    ``config.force_weight > 0``, the force batch are split over the 1-D ``mesh`` (default: all
-    devices); the state is replicated, and the returned metrics and new state are replicated.
-    Both batch sizes must be divisible by the number of devices (ValueError otherwise); pad with
-    weight-0 rows if needed. Loss and gradients are those of the whole batch, as on one device.
-    """
-    mesh = _one_d(mesh)
-    step = train.make_bptt_step(force_fn, step_size_fn, config, optimizer, jit=False)
-    rep, shard = replicated(mesh), batch_sharding(mesh)
-    jitted = jax.jit(lambda state, batch: step(state, batch), in_shardings=(rep, shard), out_shardings=(rep, rep))
-    with_forces = jax.jit(step, in_shardings=(rep, shard, shard), out_shardings=(rep, rep))
-    return ShardedStep(jitted, mesh, with_forces)
-
-
-def make_sharded_pretrain_step(
-    force_fn: TrainForceFn,
-    optimizer: optax.GradientTransformation,
-    mesh: Mesh | None = None,
-    **pretrain_kwargs: Any,
-) -> ShardedStep:
-    """Data-parallel :func:`bptt_mlip.train.make_pretrain_step`: ``step(state, force_batch)``
-    with the force batch split over the devices and the state replicated (``pretrain_kwargs``,
-    e.g. ``augment_rotation``, are passed on)."""
-    mesh = _one_d(mesh)
-    step = train.make_pretrain_step(force_fn, optimizer, jit=False, **pretrain_kwargs)
-    rep, shard = replicated(mesh), batch_sharding(mesh)
-    return ShardedStep(jax.jit(step, in_shardings=(rep, shard), out_shardings=(rep, rep)), mesh)

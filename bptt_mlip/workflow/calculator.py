@@ -16,7 +16,7 @@ stops with that error at its first log line. Wrap the atoms with :func:`forces_o
 
 ``forces_only`` reports the energy to the optimiser as NaN (the log's "Energy" column shows
 ``nan``), so use it only with optimisers that move on forces alone: ``FIRE`` with its default
-``downhill_check=False`` (tested against :func:`bptt_mlip.api.relax` with ``method="fire"``), and,
+``downhill_check=False`` (tested against :func:`bptt_mlip.relax_structures` with ``method="fire"``), and,
 reading ASE's code, ``BFGS``, ``LBFGS`` without line search and ``MDMin``. Optimisers that compare
 energies (``BFGSLineSearch``, ``LBFGS(use_line_search=True)``, ``GPMin``,
 ``FIRE(downhill_check=True)``) would silently misbehave on NaN energies: do not use them.
@@ -38,7 +38,7 @@ from bptt_mlip.data.oracles import Oracle
 NO_ENERGY = (
     "BPTTCalculator does not compute {name!r}: the ADAPT model predicts forces directly and has no "
     "energy (and no stress). Ask for forces (atoms.get_forces()). To run an ASE optimiser, which "
-    "logs an energy every step, wrap the atoms: FIRE(bptt_mlip.calculator.forces_only(atoms)).run(...)."
+    "logs an energy every step, wrap the atoms: FIRE(bptt_mlip.workflow.calculator.forces_only(atoms)).run(...)."
 )
 
 
@@ -46,13 +46,13 @@ class BPTTCalculator(Calculator):
     """ASE calculator of a trained model's forces (eV/Å); energy and stress are not available.
 
     Args:
-      model: a :class:`bptt_mlip.api.TrainedModel`, or any ``force_fn(params, structures)``
+      model: a :class:`bptt_mlip.workflow.api.TrainedModel`, or any ``force_fn(params, structures)``
         (then pass ``params``).
       params: the force function's parameters (only with a plain ``force_fn``).
       buckets: atom-count padding sizes; a structure is padded to the smallest bucket that fits,
         so calls on structures of the same bucket reuse one compiled function.
 
-    The force function is jitted once per model (shared with :func:`bptt_mlip.api.relax`); it
+    The force function is jitted once per model (shared with :func:`bptt_mlip.relax_structures`); it
     runs in float32, and ASE's float64 positions are rounded to float32 on the way in.
     """
 
@@ -60,16 +60,8 @@ class BPTTCalculator(Calculator):
 
     def __init__(self, model, *, params=None, buckets: Sequence[int] = DEFAULT_BUCKETS, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(model, api.TrainedModel):
-            if params is not None:
-                raise ValueError("pass params only with a plain force_fn")
-            self._force_fn, self._params = model.force_fn, model.params["model"]
-        elif callable(model):
-            if params is None:
-                raise ValueError("BPTTCalculator with a plain force_fn needs params=")
-            self._force_fn, self._params = model, params
-        else:
-            raise TypeError(f"model must be a TrainedModel or a force_fn, got {type(model).__name__}")
+        self._force_fn, full_params, _ = api.resolve_model(model, params, caller="BPTTCalculator")
+        self._params = full_params["model"]
         self.model = model
         self.buckets = tuple(buckets)
         self._jitted = api.jitted_forces(self._force_fn)
@@ -155,7 +147,7 @@ def oracle_from_calculator(
     cutoff: float = 0.0,
     require_energy: bool = True,
 ) -> CalculatorOracle:
-    """Wrap any ASE calculator as an oracle for :mod:`bptt_mlip.data.generator` (e.g. ``generator.relax``).
+    """Wrap any ASE calculator as an oracle for :mod:`bptt_mlip.data.generator` (e.g. ``generator.relax_with_oracle``).
 
     Args:
       calc: an ASE calculator instance (reused for every structure; ASE calculators recompute when

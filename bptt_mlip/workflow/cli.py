@@ -37,11 +37,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--checkpoint", "-c", required=True, metavar="DIR",
                    help="checkpoint directory (e.g. runs/si_cpu/checkpoints/bptt_best) or a run directory")
     r.add_argument("--method", choices=("frame", "fire"), default="frame",
-                   help="'frame': the model's BPTT relaxation map X <- X + eta F(X) (default); 'fire': FIRE (ASE semantics)")
-    r.add_argument("--out", "-o", default="relaxed.extxyz", metavar="OUT.extxyz", help="output file (default: %(default)s)")
+                   help="'frame': the model's BPTT relaxation map X <- X + eta F(X) (default); "
+                        "'fire': FIRE (ASE semantics)")
+    r.add_argument("--out", "-o", default="relaxed.extxyz", metavar="OUT.extxyz",
+                   help="output file (default: %(default)s)")
     r.add_argument("--max-frames", type=int, default=None,
                    help="most frames (frame method, default 75) or FIRE steps (fire method, default 200)")
-    r.add_argument("--fmax", type=float, default=0.05, help="FIRE convergence: largest per-atom force, eV/Å (default: %(default)s)")
+    r.add_argument("--fmax", type=float, default=0.05,
+                   help="FIRE convergence: largest per-atom force, eV/Å (default: %(default)s)")
     r.add_argument("--stop-rms", type=float, default=1e-3,
                    help="frame method: stop when a frame's RMS movement is below this, Å (default: %(default)s)")
     r.add_argument("--step-size", type=float, default=None,
@@ -169,7 +172,8 @@ def cmd_info(args) -> int:
     for name, mu, sd in zip(names, np.asarray(norm.input_mean), np.asarray(norm.input_std)):
         print(f"  {name:<22} {mu:>12.5g} {sd:>12.5g}")
     fm, fs = np.asarray(norm.force_mean), np.asarray(norm.force_std)
-    print(f"  {'force (x, y, z) eV/Å':<22} mean {np.array2string(fm, precision=4)} std {np.array2string(fs, precision=4)}")
+    mean, std = np.array2string(fm, precision=4), np.array2string(fs, precision=4)
+    print(f"  {'force (x, y, z) eV/Å':<22} mean {mean} std {std}")
     other = {k: v for k, v in meta.items() if k not in ("model_config", "step_config", "role", "epoch")}
     if other:
         print("other meta:")

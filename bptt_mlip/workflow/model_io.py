@@ -1,0 +1,151 @@
+"""Save and load trained models: orbax checkpoints that carry their configs, so a model can be
+rebuilt in a new process without knowing how it was trained.
+
+    model_io.save_model("runs/x/checkpoints/bptt_best", params, normalizer, model_config,
+                        step_rule_meta, {"role": "bptt_best_validation"})
+    config, normalizer, params, meta = model_io.load_model("runs/x")   # run or checkpoint directory
+
+A model checkpoint is one step folder (``0/``) written by ``checkpoint.save_checkpoint`` whose
+JSON meta holds ``model_config`` (the ADAPT architecture) and ``step_config`` (the step rule).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from bptt_mlip.models import adapt
+from bptt_mlip.training import checkpoint
+from bptt_mlip.types import Params
+from bptt_mlip.workflow.report import jsonable
+
+MODEL_CONFIG_KEY = "model_config"
+STEP_RULE_KEY = "step_config"
+
+# Where a run directory of ``experiments.finetune`` keeps its models, best first.
+RUN_MODEL_DIRS = ("checkpoints/bptt_best", "checkpoints/pretrained", "bptt_best", "pretrained")
+
+
+def saved_step_rule(meta: dict[str, Any]) -> dict[str, Any]:
+    """The step-rule metadata saved in a checkpoint's meta (``{}`` when none was saved); turn it
+    into a rule with the step-rule module's ``from_dict`` function."""
+    return dict(meta.get(STEP_RULE_KEY) or {})
+
+
+def save_model(
+    directory: str | os.PathLike,
+    params: Params,
+    normalizer: adapt.Normalizer,
+    model_config: adapt.AdaptConfig,
+    step_rule_meta: dict[str, Any],
+    extra_meta: dict[str, Any] | None = None,
+) -> Path:
+    """Save an evaluation-ready model as step 0 of an orbax checkpoint in ``directory``.
+
+    ``params`` is ``{"model": ADAPT parameters, <step group>: step-rule parameters}`` (the step
+    group may be ``{}``). ``step_rule_meta`` is the step rule as the step-rule module's
+    ``to_dict`` function writes it (read back with :func:`saved_step_rule`). The meta holds the
+    model config, the step rule and ``extra_meta`` (made JSON-friendly: numpy numbers become
+    Python numbers, non-finite floats strings). Returns the step folder written.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from bptt_mlip.training import steps
+
+    # a model checkpoint holds a TrainState like a training checkpoint, with an empty optimiser state
+    state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optax.identity().init(params),
+                             key=jax.random.PRNGKey(0))
+    meta = {
+        MODEL_CONFIG_KEY: checkpoint.config_to_dict(model_config),
+        STEP_RULE_KEY: jsonable(dict(step_rule_meta)),
+        **jsonable(extra_meta or {}),
+    }
+    return checkpoint.save_checkpoint(directory, 0, state, normalizer, meta)
+
+
+def load_model(
+    path: str | os.PathLike, step: int | None = None
+) -> tuple[adapt.AdaptConfig, adapt.Normalizer, Params, dict[str, Any]]:
+    """``(model_config, normalizer, params, meta)`` from a model checkpoint or a run directory
+    (see :func:`resolve_checkpoint_dir`); ``params`` is the saved pytree, ``{"model": ..., <step
+    group>: ...}``, with a step group saved empty given back as ``{}``. Raises FileNotFoundError
+    naming a path that holds no checkpoint and ValueError for a checkpoint whose meta has no
+    model config.
+    """
+    directory = resolve_checkpoint_dir(path)
+    saved, normalizer, meta = restore_model(directory, step)
+    if MODEL_CONFIG_KEY not in meta:
+        raise ValueError(
+            f"checkpoint {str(directory)!r} has no {MODEL_CONFIG_KEY!r} in its meta; cannot rebuild the model "
+            "(was it written by bptt-mlip's model_io.save_model?)"
+        )
+    config = adapt_config_from_dict(meta[MODEL_CONFIG_KEY])
+    params = {group: ({} if tree is None else tree) for group, tree in saved.items()}
+    return config, normalizer, params, dict(meta)
+
+
+def restore_model(
+    directory: str | os.PathLike, step: int | None = None
+) -> tuple[dict[str, Any], adapt.Normalizer, dict]:
+    """Restore ``(params, normalizer, meta)`` without knowing the training set-up.
+
+    ``params`` is ``{"model": ..., "step_rule": ...}``; checkpoints written before the step rule
+    had its own name store the step parameters under ``"step"``, which is renamed here.
+    """
+    mngr = checkpoint.manager(directory, None)
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {directory}")
+    out = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    mngr.close()
+    model = jax.tree_util.tree_map(jnp.asarray, out["model"])
+    params = dict(model["params"])
+    if "step" in params and "step_rule" not in params:
+        params["step_rule"] = params.pop("step")
+    params["step_rule"] = params.get("step_rule") or {}
+    return params, adapt.Normalizer.from_arrays(model["normalizer"]), out["meta"]
+
+
+def adapt_config_from_dict(d: dict[str, Any]) -> adapt.AdaptConfig:
+    """An :class:`~bptt_mlip.models.adapt.AdaptConfig` from its saved dict (lists become tuples;
+    fields added since the checkpoint was written take their defaults)."""
+    return adapt.AdaptConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """The orbax checkpoint directory for ``path``.
+
+    ``path`` may be a checkpoint directory (``.../checkpoints/bptt_best``, holding step folders
+    such as ``0/``) or a run directory of ``experiments.finetune`` (then ``checkpoints/bptt_best``
+    is used, else ``checkpoints/pretrained``). Raises FileNotFoundError naming the path; never
+    creates it.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint directory {str(p)!r} does not exist")
+    if not p.is_dir():
+        raise FileNotFoundError(f"checkpoint path {str(p)!r} is not a directory")
+    if has_model_steps(p):
+        return p
+    for sub in RUN_MODEL_DIRS:
+        if has_model_steps(p / sub):
+            return p / sub
+    raise FileNotFoundError(
+        f"no model checkpoint in {str(p)!r}: expected step folders (e.g. '0/') written by "
+        "bptt_mlip.workflow.model_io.save_model, or a run directory with checkpoints/bptt_best or "
+        "checkpoints/pretrained"
+    )
+
+
+def has_model_steps(directory: Path) -> bool:
+    """True when ``directory`` holds at least one step folder with a saved model."""
+    return directory.is_dir() and any(
+        c.is_dir() and c.name.isdigit() and (c / "model").exists() for c in directory.iterdir()
+    )
