@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from bptt_mlip import losses
-from bptt_mlip.relax import scan as relax
+from bptt_mlip.relax import scan
 from bptt_mlip.relax import step_rules
 
 from bptt_mlip.structures import RelaxationBatch
@@ -44,7 +44,7 @@ def grid_search(
     model_params: Params,
     batch: RelaxationBatch,
     step_sizes: jnp.ndarray,
-    rollout_config: relax.RolloutConfig = relax.RolloutConfig(),
+    rollout_config: scan.RolloutConfig = scan.RolloutConfig(),
     *,
     chunk_size: int | None = None,
 ) -> GridResult:
@@ -59,7 +59,7 @@ def grid_search(
 
     def one(eta):
         params = {"model": model_params, "step_rule": {"eta": eta}}
-        res = relax.rollout(force_fn, fixed, params, s, relax.FrameModifiers(), config)
+        res = scan.rollout(force_fn, fixed, params, s, scan.FrameModifiers(), config)
         dq = losses.delta_q(res.positions, batch.target_positions, s.masses, s.mask)
         return dq, res.num_frames, res.converged, res.diverged
 
@@ -72,6 +72,6 @@ def grid_search(
     return GridResult(step_sizes, dq, mean, frames, conv, div)
 
 
-def make_grid_search(force_fn: ForceFn, rollout_config: relax.RolloutConfig, chunk_size: int | None = None):
+def make_grid_search(force_fn: ForceFn, rollout_config: scan.RolloutConfig, chunk_size: int | None = None):
     """A jit-compiled ``search(model_params, batch, step_sizes) -> GridResult``."""
     return jax.jit(functools.partial(grid_search, force_fn, rollout_config=rollout_config, chunk_size=chunk_size))

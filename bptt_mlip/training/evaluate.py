@@ -20,7 +20,7 @@ from bptt_mlip.data import batching
 from bptt_mlip.data.trajectory import Trajectory
 from bptt_mlip.relax import fire
 from bptt_mlip.relax import grid
-from bptt_mlip.relax import scan as relax
+from bptt_mlip.relax import scan
 from bptt_mlip.relax.step_rules import StepRule
 from bptt_mlip.structures import ForceBatch, RelaxationBatch
 from bptt_mlip.types import ForceFn, Params
@@ -59,8 +59,8 @@ def per_structure(
 def make_relax_eval(
     force_fn: ForceFn,
     step_rule: StepRule,
-    modifiers: relax.FrameModifiers,
-    rollout_config: relax.RolloutConfig,
+    modifiers: scan.FrameModifiers,
+    rollout_config: scan.RolloutConfig,
 ):
     """A jitted ``fn(params, batch, key) -> dict`` of per-structure Dq, frames, flags for one batch.
 
@@ -71,7 +71,7 @@ def make_relax_eval(
     @jax.jit
     def run(params, batch: RelaxationBatch, key):
         s = batch.initial
-        res = relax.rollout(
+        res = scan.rollout(
             force_fn, step_rule, params, s, modifiers, rollout_config, key=key if modifiers.noise_std else None
         )
         return {
@@ -91,8 +91,8 @@ def evaluate_relaxations(
     step_rule: StepRule,
     params: Params,
     batches: Iterable[RelaxationBatch],
-    modifiers: relax.FrameModifiers = relax.FrameModifiers(),
-    rollout_config: relax.RolloutConfig = relax.RolloutConfig(),
+    modifiers: scan.FrameModifiers = scan.FrameModifiers(),
+    rollout_config: scan.RolloutConfig = scan.RolloutConfig(),
     *,
     key: jax.Array | None = None,
 ) -> dict[str, np.ndarray]:
@@ -163,7 +163,7 @@ def grid_table(
     model_params: Params,
     trajs: Sequence[Trajectory],
     step_sizes: Sequence[float],
-    rollout_config: relax.RolloutConfig,
+    rollout_config: scan.RolloutConfig,
     *,
     batch_size: int,
     buckets: Sequence[int] = batching.DEFAULT_BUCKETS,
@@ -231,8 +231,8 @@ def relaxation_table(
     step_rule: StepRule,
     params: Params,
     trajs: Sequence[Trajectory],
-    modifiers: relax.FrameModifiers,
-    rollout_config: relax.RolloutConfig,
+    modifiers: scan.FrameModifiers,
+    rollout_config: scan.RolloutConfig,
     *,
     batch_size: int,
     buckets: Sequence[int] = batching.DEFAULT_BUCKETS,

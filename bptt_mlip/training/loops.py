@@ -33,7 +33,7 @@ from bptt_mlip.training import loop
 from bptt_mlip.training import optim
 from bptt_mlip.training import parallel
 from bptt_mlip.relax.step_rules import StepRule
-from bptt_mlip.training import steps as train
+from bptt_mlip.training import steps
 from bptt_mlip.data import batching
 from bptt_mlip.data.trajectory import Trajectory
 from bptt_mlip.types import ForceFn, Params, TrainForceFn
@@ -76,7 +76,7 @@ def pretrain(
     divisible by the device count); the returned parameters are host (numpy) arrays then."""
     if mesh is not None:
         parallel.check_batch_size(batch_size, mesh)
-    trainer = train.make_pretrain_trainer(train_force_fn, optim.make_optimizer(optim_config), mesh=mesh,
+    trainer = steps.make_pretrain_trainer(train_force_fn, optim.make_optimizer(optim_config), mesh=mesh,
                                           augment_rotation=augment_rotation, augment_translation=augment_translation)
     state = trainer.init({"model": model_params, "step_rule": {}}, jax.random.PRNGKey(seed))
     validation = None
@@ -103,7 +103,7 @@ def bptt_finetune(
     train_trajs: Sequence[Trajectory],
     val_trajs: Sequence[Trajectory],
     *,
-    bptt_config: train.BPTTConfig,
+    bptt_config: steps.BPTTConfig,
     optim_config: optim.OptimConfig,
     epochs: int,
     batch_size: int,
@@ -111,7 +111,7 @@ def bptt_finetune(
     buckets: Sequence[int] = batching.DEFAULT_BUCKETS,
     eval_every_epochs: int = 1,
     log: LogFn = _no_log,
-    on_epoch_end: Callable[[int, train.TrainState, dict], None] | None = None,
+    on_epoch_end: Callable[[int, steps.TrainState, dict], None] | None = None,
     max_consecutive_bad_steps: int = 10,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 0,
@@ -122,7 +122,7 @@ def bptt_finetune(
     force_batch_size: int = 32,
     patience: int = 0,
     mesh: jax.sharding.Mesh | None = None,
-) -> tuple[Params, list[dict], train.TrainState]:
+) -> tuple[Params, list[dict], steps.TrainState]:
     """BPTT fine-tuning; returns (best-validation params, history, final host state); see the module notes.
 
     ``start_stride > 0``: rollouts also start from every ``start_stride``-th frame; ``bptt_config.force_weight
@@ -136,7 +136,7 @@ def bptt_finetune(
         parallel.check_batch_size(batch_size, mesh)
         if sampler is not None:
             parallel.check_batch_size(force_batch_size, mesh)
-    trainer = train.make_bptt_trainer(force_fn, step_rule, bptt_config, optim.make_optimizer(optim_config), mesh=mesh)
+    trainer = steps.make_bptt_trainer(force_fn, step_rule, bptt_config, optim.make_optimizer(optim_config), mesh=mesh)
     state = trainer.init(params, jax.random.PRNGKey(seed))
     checkpointer = _checkpointer(checkpoint_dir, checkpoint_every, max_checkpoints, _run_identity(
         seed, batch_size, train_trajs, val_trajs, start_stride, force_batch_size if sampler is not None else 0))
@@ -197,7 +197,7 @@ def _relaxation_epochs(
 
 def _dq_validation(
     force_fn: ForceFn, step_rule: StepRule, val_trajs: Sequence[Trajectory],
-    bptt_config: train.BPTTConfig, batch_size: int, buckets: Sequence[int], every_epochs: int,
+    bptt_config: steps.BPTTConfig, batch_size: int, buckets: Sequence[int], every_epochs: int,
 ) -> loop.Validation | None:
     """Mean Dq (Å amu^1/2) of relaxing the validation trajectories with the training rollout's
     settings, without rematerialisation; None without validation data."""
@@ -213,6 +213,6 @@ def _dq_validation(
     return loop.Validation(summary, "mean_dq", every_epochs=every_epochs, at_start=True)
 
 
-def _diverged_rollouts(state: train.TrainState, metrics: loop.EpochMetrics) -> dict[str, int]:
+def _diverged_rollouts(state: steps.TrainState, metrics: loop.EpochMetrics) -> dict[str, int]:
     """Training rollouts of the epoch's good updates that diverged."""
     return {"diverged_rollouts": int(metrics.sums.get("diverged", 0.0))}

@@ -28,7 +28,7 @@ import optax
 from jax.sharding import Mesh
 
 from bptt_mlip import losses
-from bptt_mlip.relax import scan as relax
+from bptt_mlip.relax import scan
 from bptt_mlip.relax.step_rules import StepRule
 from bptt_mlip.structures import ForceBatch, RelaxationBatch
 from bptt_mlip.training import augment, optim, parallel
@@ -78,8 +78,8 @@ class BPTTConfig:
         ``[-augment_translation, augment_translation]`` Å (0 = off).
     """
 
-    modifiers: relax.FrameModifiers = relax.FrameModifiers()
-    rollout: relax.RolloutConfig = relax.RolloutConfig()
+    modifiers: scan.FrameModifiers = scan.FrameModifiers()
+    rollout: scan.RolloutConfig = scan.RolloutConfig()
     loss: str = "dq"
     random_stopping: bool = False
     stop_rms_range: tuple[float, float] = (1e-4, 1e-2)
@@ -154,7 +154,7 @@ def bptt_loss(
     noise_key, stop_key = jax.random.split(key)
     batch, force_batch = _augment(config, key, batch, force_batch)
     stop_rms, frame_limit = _draw_stopping(config, stop_key)
-    result = relax.rollout(
+    result = scan.rollout(
         force_fn, step_rule, params, batch.initial, config.modifiers, config.rollout,
         key=noise_key if config.modifiers.noise_std else None, stop_rms=stop_rms, frame_limit=frame_limit,
     )

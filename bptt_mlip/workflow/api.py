@@ -38,7 +38,7 @@ import numpy as np
 
 from bptt_mlip import structures as structures_lib
 from bptt_mlip.relax import fire
-from bptt_mlip.models import adapt as model_lib
+from bptt_mlip.models import adapt
 from bptt_mlip.relax.scan import FrameModifiers, RolloutConfig, rollout
 from bptt_mlip.relax.step_rules import FixedStep, StepRule, step_rule_from_checkpoint
 
@@ -68,8 +68,8 @@ class TrainedModel:
       source: the checkpoint directory it was loaded from, or ``None``.
     """
 
-    config: model_lib.AdaptConfig
-    normalizer: model_lib.Normalizer
+    config: adapt.AdaptConfig
+    normalizer: adapt.Normalizer
     params: Params
     step_rule: StepRule = FixedStep()
     modifiers: FrameModifiers = FrameModifiers()
@@ -90,7 +90,7 @@ class TrainedModel:
     @functools.cached_property
     def force_fn(self) -> ForceFn:
         """``force_fn(model_params, structures) -> [B, N, 3]`` eV/Å (one object per model, so jit caches hit)."""
-        return model_lib.make_force_fn(self.config, self.normalizer)
+        return adapt.make_force_fn(self.config, self.normalizer)
 
     @property
     def model_params(self) -> Params:
@@ -105,7 +105,7 @@ class TrainedModel:
         return self.step_rule.describe(step_params)
 
     def num_params(self) -> int:
-        return model_lib.count_params(self.params["model"])
+        return adapt.count_params(self.params["model"])
 
 
 def _inference_rule(

@@ -8,7 +8,20 @@ from typing import Sequence
 import numpy as np
 
 
-def _plt():
+def save_figure(fig, ax, path, dpi: int = 110, legend: bool = True) -> Path:
+    """Grid, legend, tight layout; write ``path`` (PNG) and close the figure."""
+    if legend:
+        ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (files only)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,7 +32,7 @@ def _plt():
 
 def loss_curves(history: Sequence[dict], path: Path, title: str = "BPTT fine-tuning") -> Path:
     """Training loss and validation Dq per epoch."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     tr = [(r["epoch"], r["train_loss"]) for r in history if "train_loss" in r]
     va = [(r["epoch"], r["val_mean_dq"]) for r in history if "val_mean_dq" in r]
@@ -30,17 +43,12 @@ def loss_curves(history: Sequence[dict], path: Path, title: str = "BPTT fine-tun
     ax.set_xlabel("epoch")
     ax.set_ylabel("Dq (amu$^{1/2}$ Å)")
     ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, path)
 
 
 def grid_curve(step_sizes, mean_dq_by_split: dict[str, np.ndarray], path: Path, best: float | None = None) -> Path:
     """Mean Dq against fixed step size, one line per data split (paper table 6 as a curve)."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, values in mean_dq_by_split.items():
         v = np.asarray(values, float)
@@ -52,17 +60,12 @@ def grid_curve(step_sizes, mean_dq_by_split: dict[str, np.ndarray], path: Path, 
     ax.set_ylabel("mean Dq (amu$^{1/2}$ Å)")
     ax.set_yscale("log")
     ax.set_title("Step-size grid search, pretrained model")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, path)
 
 
 def dq_before_after(before: np.ndarray, after: np.ndarray, path: Path, labels=("pretrained", "BPTT-tuned")) -> Path:
     """Per-structure Dq before against after fine-tuning; points below the diagonal improved."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
     b, a = np.asarray(before, float), np.asarray(after, float)
     ax.scatter(b, a, s=18, alpha=0.8)
@@ -72,8 +75,4 @@ def dq_before_after(before: np.ndarray, after: np.ndarray, path: Path, labels=("
     ax.set_xlabel(f"Dq {labels[0]} (amu$^{{1/2}}$ Å)")
     ax.set_ylabel(f"Dq {labels[1]} (amu$^{{1/2}}$ Å)")
     ax.set_title(f"Test Dq per structure: {improved}/{len(b)} improved")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, path, legend=False)

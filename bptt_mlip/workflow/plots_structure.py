@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from bptt_mlip.data.geometry import minimum_image
-from bptt_mlip.workflow.plots import _plt
+from bptt_mlip.workflow.plots import pyplot
 
 
 def _relative_to_centre(start: np.ndarray, center: int, cell: np.ndarray | None) -> np.ndarray:
@@ -81,7 +81,7 @@ def defect_neighbourhood(
       arrow_scale: displacement magnification (default: automatic, see above).
       title: figure title (default describes the centre and the errors).
     """
-    plt = _plt()
+    plt = pyplot()
     start, predicted, reference = (np.asarray(x, np.float64) for x in (start, predicted, reference))
     if not (start.shape == predicted.shape == reference.shape) or start.ndim != 2 or start.shape[1] != 3:
         raise ValueError(f"start, predicted, reference must all be [n, 3]; "
