@@ -58,11 +58,14 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """``bptt_mlip.fire`` and the other old flat submodules, as attributes: warn and hand the new module."""
+    """``bptt_mlip.fire`` and the other old flat submodules, as attributes: warn and hand the new
+    module; a name that was removed raises an AttributeError naming what replaced it."""
     old = f"bptt_mlip.{name}"
     if old in _moved.MOVED:
         import importlib
 
         _moved.warn_moved(old, _moved.MOVED[old])
         return importlib.import_module(_moved.MOVED[old])
+    if name in _moved.REMOVED:
+        raise AttributeError(f"bptt_mlip.{name} was removed: {_moved.REMOVED[name]}")
     raise AttributeError(f"module 'bptt_mlip' has no attribute {name!r}")

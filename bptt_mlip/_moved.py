@@ -33,6 +33,18 @@ MOVED = {
 }
 """Old module path -> the module that now holds its names."""
 
+REMOVED = {
+    "StepConfig": "a step rule object (bptt_mlip.FixedStep, bptt_mlip.LearnableStep, "
+                  "bptt_mlip.models.step_head.NeuralStep) and bptt_mlip.FrameModifiers for momentum, annealing, "
+                  "noise and the displacement cap",
+    "init_step_params": "use step_rule.init(key)",
+    "make_step_size_fn": "pass the step rule itself; step_rule.apply(step_params, structures, forces) gives the steps",
+    "create_train_state": "use bptt_mlip.make_bptt_trainer(...).init(params, key) (or make_pretrain_trainer)",
+    "make_bptt_step": "use bptt_mlip.make_bptt_trainer(force_fn, step_rule, config, optimizer).update",
+    "make_pretrain_step": "use bptt_mlip.make_pretrain_trainer(train_force_fn, optimizer).update",
+}
+"""Names the top-level package exported before the regrouping and no longer has -> what replaced them."""
+
 
 def warn_moved(old: str, new: str, stacklevel: int = 3) -> None:
     warnings.warn(f"{old} moved to {new}; import it from there", DeprecationWarning, stacklevel=stacklevel)

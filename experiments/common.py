@@ -13,7 +13,7 @@ from typing import Any
 from absl import flags, logging
 
 from bptt_mlip.data import curation, datasets
-from bptt_mlip.models import adapt as model
+from bptt_mlip.models import registry
 from bptt_mlip.workflow import model_io, report
 from bptt_mlip.workflow.report import jsonable, markdown_table, write_json  # noqa: F401  (the scripts' writers)
 from experiments import configs
@@ -43,12 +43,31 @@ flags.DEFINE_integer("cv_fold", 0, "Which fold is the test split (0 .. --cv_fold
 flags.DEFINE_integer("cv_seed", 0, "Seed of the fold partition (fixed across a study, independent of --seed).")
 flags.DEFINE_float("min_atom_distance", 0.5, "Validation: two atoms closer than this (Å, minimum image) in the first "
                    "or last frame make a trajectory invalid; 0 = no check.")
+flags.DEFINE_bool(
+    "allow_incomplete_runs", False,
+    "Keep the complete frames of a vasprun.xml / OUTCAR cut off mid-run (no closing </modeling> tag / final timing "
+    "footer), with a warning naming the last frame; by default such a file is an error (or, with "
+    "--skip_bad_records, skipped and counted as 'incomplete'): its last frame is not the relaxed end point.",
+)
+flags.DEFINE_bool(
+    "keep_variable_cell", False,
+    "Train on variable-cell relaxations (the cell changes between frames, e.g. VASP ISIF=3). By default they are "
+    "left out and counted as 'variable_cell': the force models have no cell input and cannot follow the strain.",
+)
 
 # ---- model
+flags.DEFINE_enum("model", "adapt", list(configs.MODEL_NAMES),
+                  "Force model: 'adapt' (the published ADAPT, raw Cartesian coordinates), 'periodic_adapt' (ADAPT "
+                  "with attention on minimum-image pair distances within --cutoff), 'equivariant' (a conservative "
+                  "rotation-equivariant energy model with periodic neighbour lists, forces -dE/dX).")
+flags.DEFINE_enum("net_force", "free", ["free", "zero"], "ADAPT: 'zero' subtracts each structure's mean force.")
+flags.DEFINE_float("cutoff", 5.0, "periodic_adapt / equivariant: neighbour cutoff in Å (below half the cell width).")
+flags.DEFINE_integer("channels", 16, "equivariant: channels per irrep of the node features.")
+flags.DEFINE_integer("max_angular", 2, "equivariant: largest angular order l of the spherical harmonics.")
 flags.DEFINE_integer("d_model", 64, "ADAPT width.")
 flags.DEFINE_integer("d_ff", 128, "ADAPT feed-forward width.")
 flags.DEFINE_integer("num_heads", 4, "Attention heads.")
-flags.DEFINE_integer("num_layers", 2, "Encoder blocks.")
+flags.DEFINE_integer("num_layers", 2, "Encoder blocks (ADAPT) or interaction blocks (equivariant).")
 flags.DEFINE_float("dropout", 0.0, "Dropout rate during pretraining (BPTT rollouts are deterministic).")
 flags.DEFINE_integer("embed_hidden", 128, "First embedding layer width.")
 flags.DEFINE_enum("input_encoding", "xyz", ["xyz", "xyz+fourier"], "Per-atom position encoding.")
@@ -93,7 +112,11 @@ def load_pretrained(path: str):
 
 
 def pretrain_model(train_set, val, log, mesh=None):
-    """Load --pretrained, or pretrain a new model on ``train_set``: (config, normalizer, params, history)."""
+    """Load --pretrained, or pretrain a new --model on ``train_set``: (config, statistics, params, history).
+
+    A new model's statistics are fitted on the training frames (ADAPT's normaliser, the equivariant
+    model's energy scale), and its config to the training and validation frames (the equivariant
+    model's neighbour capacity; a cell narrower than twice --cutoff stops here, naming it)."""
     import jax
 
     from bptt_mlip.training import loops
@@ -102,14 +125,15 @@ def pretrain_model(train_set, val, log, mesh=None):
         cfg, normalizer, params = load_pretrained(FLAGS.pretrained)
         info(f"loaded pretrained model from {FLAGS.pretrained} ({cfg})")
         return cfg, normalizer, params, []
-    cfg = model_config()
-    normalizer = model.normalizer_from_trajectories(train_set)
-    init = model.init_params(cfg, jax.random.PRNGKey(FLAGS.seed))
+    cfg = registry.fit_config(model_config(), list(train_set) + list(val))
+    normalizer = registry.fit_statistics(cfg, train_set)
+    info(f"{configs.model_name(cfg)} model {cfg}; statistics fitted on {len(train_set)} training trajectories")
+    init = registry.init_params(cfg, jax.random.PRNGKey(FLAGS.seed))
     pre_train = train_set
     if FLAGS.pretrain_frame_stride > 1:
         pre_train = [curation.subsample_frames(t, FLAGS.pretrain_frame_stride) for t in train_set]
     params, history = loops.pretrain(
-        model.make_train_force_fn(cfg, normalizer), model.make_force_fn(cfg, normalizer), init, pre_train, val,
+        registry.make_train_force_fn(cfg, normalizer), registry.make_force_fn(cfg, normalizer), init, pre_train, val,
         epochs=FLAGS.pretrain_epochs, batch_size=FLAGS.pretrain_batch_size,
         optim_config=configs.pretrain_optim_config(flag_values()),
         seed=FLAGS.seed, log=log, augment_rotation=FLAGS.pretrain_augment_rotation,
@@ -162,7 +186,8 @@ def quiet_libraries() -> None:
         logging.set_verbosity(logging.WARNING)
 
 
-def model_config() -> model.AdaptConfig:
+def model_config():
+    """The config of the --model the flags describe (``AdaptConfig`` or ``EquivariantConfig``)."""
     return configs.model_config(flag_values())
 
 
@@ -181,12 +206,15 @@ def load_trajectories(
 ):
     """``datasets.load_dataset_spec`` of a --dataset spec, reporting on stdout; unset keyword
     arguments take the flag values (--skip_bad_records, --min_atom_distance, --min_frames,
-    --max_trajectories). Returns ``(kept, report)``, or ``(kept, report, skipped)`` with
-    ``return_skipped``."""
+    --max_trajectories; --allow_incomplete_runs and --keep_variable_cell once flags are parsed). Returns
+    ``(kept, report)``, or ``(kept, report, skipped)`` with ``return_skipped``."""
     load = datasets.load_dataset_spec(
         spec,
         skip_bad_records=FLAGS.skip_bad_records if skip_bad is None else skip_bad,
         min_atom_distance=FLAGS.min_atom_distance if min_distance is None else min_distance,
+        # read only once flags are parsed: library callers (tests) use this without absl's app.run
+        allow_incomplete=FLAGS.is_parsed() and FLAGS.allow_incomplete_runs,
+        keep_variable_cell=FLAGS.is_parsed() and FLAGS.keep_variable_cell,
         min_frames=FLAGS.min_frames if min_frames is None else min_frames,
         max_trajectories=FLAGS.max_trajectories if max_trajectories is None else max_trajectories,
         report=info,
@@ -275,12 +303,12 @@ def step_rule_meta(step_rule, modifiers=None) -> dict:
     return checkpoint.config_to_dict(step_rule)
 
 
-def save_model(path: Path, params, normalizer, cfg: model.AdaptConfig, step_rule, extra: dict, modifiers=None):
+def save_model(path: Path, params, normalizer, cfg, step_rule, extra: dict, modifiers=None):
     """``model_io.save_model`` with the step rule given as a rule object (or its stored dict)."""
     return model_io.save_model(path, params, normalizer, cfg, step_rule_meta(step_rule, modifiers), extra)
 
 
-def save_pretrained(workdir: Path, cfg: model.AdaptConfig, normalizer, model_params, history: list) -> Path:
+def save_pretrained(workdir: Path, cfg, normalizer, model_params, history: list) -> Path:
     """Save a pretrained model (no step rule trained yet: the default rule) as
     ``<workdir>/checkpoints/pretrained``; returns that directory."""
     path = workdir / "checkpoints" / "pretrained"

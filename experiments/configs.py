@@ -9,25 +9,46 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from bptt_mlip.models import adapt
+from bptt_mlip.models import adapt, equivariant
 from bptt_mlip.relax import fire, scan
 from bptt_mlip.training import optim
 
 Flags = Mapping[str, Any]
 
-MODEL_FLAGS = ("d_model", "d_ff", "num_heads", "num_layers", "dropout", "embed_hidden", "input_encoding")
+MODEL_NAMES = ("adapt", "periodic_adapt", "equivariant")
+"""``--model`` choices: the published ADAPT, ADAPT with minimum-image attention, the equivariant energy model."""
+MODEL_FLAGS = ("model", "d_model", "d_ff", "num_heads", "num_layers", "dropout", "embed_hidden", "input_encoding",
+               "net_force", "cutoff", "channels", "max_angular")
 ROLLOUT_FLAGS = ("max_frames", "stop_rms", "remat")
 STEP_RULE_FLAGS = ("step_kind", "init_step", "init_step_scale", "head_max_scale", "momentum", "anneal", "noise_std",
                    "max_displacement")
 BPTT_FLAGS = ("random_stopping", "max_frames", "dq_weight", "force_weight", "augment_rotation", "augment_translation")
 
 
-def model_config(v: Flags) -> adapt.AdaptConfig:
-    """The ADAPT architecture of ``--d_model`` ... ``--input_encoding``."""
+def model_config(v: Flags) -> adapt.AdaptConfig | equivariant.EquivariantConfig:
+    """The architecture ``--model`` names: ADAPT of ``--d_model`` ... ``--input_encoding`` and
+    ``--net_force`` (``periodic_adapt``: minimum-image geometry within ``--cutoff`` Å), or the
+    equivariant model of ``--cutoff``, ``--channels``, ``--max_angular`` and ``--num_layers``
+    (interaction blocks; its neighbour capacity is fitted to the data before training)."""
+    name = v.get("model", "adapt")
+    if name not in MODEL_NAMES:
+        raise ValueError(f"model must be one of {MODEL_NAMES}, got {name!r}")
+    if name == "equivariant":
+        return equivariant.EquivariantConfig(cutoff=v.get("cutoff", 5.0), channels=v.get("channels", 16),
+                                             max_angular=v.get("max_angular", 2), num_layers=v["num_layers"])
+    periodic = {"geometry": "minimum_image", "cutoff": v.get("cutoff", 5.0)} if name == "periodic_adapt" else {}
     return adapt.AdaptConfig(
         d_model=v["d_model"], d_ff=v["d_ff"], num_heads=v["num_heads"], num_layers=v["num_layers"],
         dropout=v["dropout"], embed_hidden=v["embed_hidden"], input_encoding=v["input_encoding"],
+        net_force=v.get("net_force", "free"), **periodic,
     )
+
+
+def model_name(config: adapt.AdaptConfig | equivariant.EquivariantConfig) -> str:
+    """The ``--model`` name of a config (the inverse of :func:`model_config`'s choice)."""
+    if isinstance(config, equivariant.EquivariantConfig):
+        return "equivariant"
+    return "periodic_adapt" if config.geometry == "minimum_image" else "adapt"
 
 
 def rollout_config(v: Flags, **overrides) -> scan.RolloutConfig:
@@ -49,12 +70,13 @@ def step_rule_settings(v: Flags, base_step: float) -> dict[str, Any]:
     }
 
 
-def step_rule(v: Flags, base_step: float, normalizer: adapt.Normalizer | None = None):
-    """``(rule, modifiers)`` of :func:`step_rule_settings` (the neural head uses ``normalizer``)."""
-    from bptt_mlip.models import step_head  # noqa: F401  (registers the "neural" kind)
+def step_rule(v: Flags, base_step: float, normalizer=None):
+    """``(rule, modifiers)`` of :func:`step_rule_settings` (the neural head standardises with ADAPT's
+    ``normalizer``; other models' statistics leave it the identity map)."""
+    from bptt_mlip.models import registry, step_head  # noqa: F401  (step_head registers the "neural" kind)
     from bptt_mlip.relax import step_rules
 
-    return step_rules.step_rule_from_dict(step_rule_settings(v, base_step), normalizer)
+    return step_rules.step_rule_from_dict(step_rule_settings(v, base_step), registry.step_head_statistics(normalizer))
 
 
 def bptt_settings(v: Flags) -> dict[str, Any]:

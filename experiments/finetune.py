@@ -1,4 +1,4 @@
-"""The main job: pretrain (or load) ADAPT, grid-search the fixed step, fine-tune with BPTT, evaluate.
+"""The main job: pretrain (or load) a force model (--model), grid-search the fixed step, fine-tune with BPTT, evaluate.
 
     python -m experiments.finetune --flagfile=experiments/si_cpu.flags
 
@@ -16,8 +16,8 @@ from pathlib import Path
 import jax
 from absl import app, flags
 
-from bptt_mlip.models import adapt as model
-from bptt_mlip.training import evaluate, loop, loops, optim
+from bptt_mlip.models import registry
+from bptt_mlip.training import checkpoint, evaluate, loop, loops, optim
 from bptt_mlip.training import steps as train
 from experiments import common, configs, report
 from experiments import finetune_stages as stages
@@ -41,7 +41,7 @@ def finetune_bptt(workdir: Path, cfg, normalizer, force_fn, model_params, best_s
     train_set, val, test = data
     batch, v, t0 = FLAGS.batch_size, common.flag_values(), time.time()
     step_rule, modifiers = configs.step_rule(v, best_step, normalizer)
-    start_model = model.init_params(cfg, jax.random.PRNGKey(FLAGS.seed + 1)) if FLAGS.random_init else model_params
+    start_model = registry.init_params(cfg, jax.random.PRNGKey(FLAGS.seed + 1)) if FLAGS.random_init else model_params
     params = {"model": start_model, "step_rule": step_rule.init(jax.random.PRNGKey(FLAGS.seed + 2))}
     bptt_cfg = train.BPTTConfig(modifiers=modifiers, rollout=configs.rollout_config(v), **configs.bptt_settings(v))
     optim_cfg = configs.bptt_optim_config(v)
@@ -60,6 +60,9 @@ def finetune_bptt(workdir: Path, cfg, normalizer, force_fn, model_params, best_s
                           {"role": "bptt_best_validation", "stopped": err.message}, modifiers)
         log.close()
         raise SystemExit(f"{err.message}. Best parameters so far saved in {workdir / 'checkpoints' / 'bptt_best'}.")
+    except checkpoint.CheckpointIncompatible as err:
+        log.close()
+        raise SystemExit(f"--resume: {err}") from None
     timings["bptt_s"] = time.time() - t0
     nonfinite = optim.nonfinite_counts(final_state.opt_state)
     skipped_steps = int(nonfinite["nonfinite_total"])
@@ -92,8 +95,8 @@ def main(argv):
     t0 = time.time()
     cfg, normalizer, model_params, pretrain_history = stages.load_or_pretrain(workdir, train_set, val, log, mesh)
     timings = {"pretrain_s": time.time() - t0}
-    force_fn = model.make_force_fn(cfg, normalizer)
-    common.info(f"model: {cfg}, {model.count_params(model_params)} parameters")
+    force_fn = registry.make_force_fn(cfg, normalizer)
+    common.info(f"model: {configs.model_name(cfg)} {cfg}, {registry.count_params(model_params)} parameters")
     pre_forces = stages.force_errors(force_fn, model_params, test)
     t0 = time.time()
     eval_rollout = common.rollout_config(remat="none")
@@ -115,7 +118,7 @@ def main(argv):
     timings["total_s"] = time.time() - t_start
     outcome = report.FinetuneOutcome(
         dataset=FLAGS.dataset, curation=curation, split={"test": len(test), "val": len(val), "train": len(train_set)},
-        model_config=cfg, num_params=model.count_params(model_params), steps=steps, best_step=best_step,
+        model_config=cfg, num_params=registry.count_params(model_params), steps=steps, best_step=best_step,
         grid_train=grid_train, grid_test=grid_test, relaxation=rows,
         forces={"pretrained": pre_forces, "bptt": bptt_forces},
         pretrain_history=pretrain_history, bptt_history=bptt_history,

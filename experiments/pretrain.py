@@ -1,4 +1,4 @@
-"""Force pretraining alone: fit ADAPT to every frame's forces and save an orbax checkpoint.
+"""Force pretraining alone: fit the chosen force model (--model) to every frame's forces and save an orbax checkpoint.
 
     python -m experiments.pretrain --flagfile=experiments/si_cpu.flags --workdir=runs/pretrain
 
@@ -12,7 +12,7 @@ import time
 from absl import app, flags
 
 from bptt_mlip.data import batching
-from bptt_mlip.models import adapt as model
+from bptt_mlip.models import registry
 from bptt_mlip.training import evaluate
 from experiments import common
 
@@ -31,11 +31,12 @@ def main(argv):
     test, val, train_set = common.split(trajs)
     t0 = time.time()
     cfg, normalizer, params, history = common.pretrain_model(train_set, val, log, mesh)
-    ff = model.make_force_fn(cfg, normalizer)
+    ff = registry.make_force_fn(cfg, normalizer)
     test_forces = evaluate.evaluate_forces(ff, params, batching.force_batches(test, FLAGS.pretrain_batch_size))
     common.save_pretrained(workdir, cfg, normalizer, params, history)
-    common.write_json(workdir / "results.json", {"test_forces": test_forces, "history": history,
-                                                 "num_params": model.count_params(params), "wall_s": time.time() - t0})
+    results = {"test_forces": test_forces, "history": history, "num_params": registry.count_params(params),
+               "wall_s": time.time() - t0}
+    common.write_json(workdir / "results.json", results)
     common.info(f"test force errors: {test_forces}")
     log.close()
 

@@ -8,9 +8,11 @@ from typing import Any
 
 import numpy as np
 
+from bptt_mlip.models import registry
 from bptt_mlip.training import checkpoint
 from bptt_mlip.workflow import plots
 from bptt_mlip.workflow.report import markdown_table, write_json
+from experiments import configs
 
 RELAXATION_COLUMNS = ["setting", "mean_dq", "median_dq", "mean_frames", "num_converged", "num_diverged",
                       "num_structures"]
@@ -80,6 +82,7 @@ def results_json(o: FinetuneOutcome) -> dict:
     """The content of results.json."""
     return {
         "dataset": o.dataset, "curation": str(o.curation), "split": o.split,
+        "model": configs.model_name(o.model_config), "model_kind": registry.kind_of(o.model_config),
         "model_config": checkpoint.config_to_dict(o.model_config), "num_params": o.num_params,
         "best_grid_step": o.best_step, "grid": grid_rows(o.steps, o.grid_train, o.grid_test),
         "relaxation": o.relaxation, "dq_ratio_bptt_over_best_grid": o.dq_ratio,
@@ -99,7 +102,7 @@ def results_markdown(o: FinetuneOutcome, command: str) -> list[str]:
     forces = [{"model": "pretrained", **o.forces["pretrained"]}, {"model": "BPTT-tuned", **o.forces["bptt"]}]
     return [f"# Results: {o.dataset}", "", f"Command: `{command}`", "",
             (f"Split: {o.split['test']} test / {o.split['val']} val / {o.split['train']} train; model "
-             f"{o.model_config}, {o.num_params} parameters."), "",
+             f"{configs.model_name(o.model_config)} {o.model_config}, {o.num_params} parameters."), "",
             "## Test relaxations (Dq in amu^0.5 Å)", "", markdown_table(o.relaxation, RELAXATION_COLUMNS), "",
             f"BPTT / best-grid Dq ratio: **{o.dq_ratio:.3f}**", "",
             "## Test force errors (eV/Å)", "", markdown_table(forces, FORCE_COLUMNS), "",

@@ -20,6 +20,7 @@ from bptt_mlip.data.batching import (
     relaxation_batches,
 )
 from bptt_mlip.data.curation import CurationReport, curate, kfold_splits, split_test_train
+from bptt_mlip.data.integrity import IncompleteRunWarning
 from bptt_mlip.data.generator import generate_and_save, generate_crystals, generate_si_defects
 from bptt_mlip.data.store import load_dataset, load_default_dataset, save_dataset
 from bptt_mlip.data.readers import (

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -16,20 +17,26 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from bptt_mlip.data.trajectory import Trajectory, TrajectoryError, make_trajectory
+from bptt_mlip.data import integrity
+from bptt_mlip.data.trajectory import REASON_DAMAGED_FILE, Trajectory, TrajectoryError, make_trajectory
 
 PathLike = str | os.PathLike
 
 
-
 def read_text(path: PathLike) -> str:
-    """Whole file as text, decompressing ``.gz`` in memory (never seek a gzip stream per frame)."""
+    """Whole file as text, decompressing ``.gz`` in memory (never seek a gzip stream per frame).
+
+    A gzip file that cannot be decompressed (truncated, corrupted) raises ``TrajectoryError``
+    (reason ``damaged_file``) naming the file."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     raw = path.read_bytes()
     if path.suffix == ".gz" or raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except integrity.GZIP_ERRORS as err:
+            raise integrity.damaged_gzip_error(path, err) from None
     return raw.decode("utf-8", errors="replace")
 
 
@@ -148,19 +155,24 @@ def iter_extxyz_trajectories(
 
     path = Path(path)
     text = read_text(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        frames = ase.io.read(io.StringIO(text), index=":", format="extxyz")
-    if not frames:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            frames = ase.io.read(io.StringIO(text), index=":", format="extxyz")
+        items_of_file = [(_frame_key(path, a.info, trajectory_key, frame_key, i), a) for i, a in enumerate(frames)]
+    except Exception:  # noqa: BLE001 - some frame is unreadable: parse frame by frame to name it
+        items_of_file = _parse_extxyz_frames(path, text, trajectory_key, frame_key)
+    if not items_of_file:
         raise TrajectoryError(f"{path}: zero frames, expected at least one")
     groups: dict[str, list[tuple[int, Any]]] = {}
-    for i, atoms in enumerate(frames):
-        key = atoms.info.get(trajectory_key) if trajectory_key else None
-        key = file_stem(path) if key is None else str(key)
-        order = atoms.info.get(frame_key, i) if frame_key else i
-        groups.setdefault(key, []).append((int(order), atoms))
+    for (key, order), atoms in items_of_file:
+        groups.setdefault(key, []).append((order, atoms))
     for key, items in groups.items():
         items.sort(key=lambda p: p[0])
+        errors = [a for _, a in items if isinstance(a, TrajectoryError)]
+        if errors:
+            yield ExtxyzTrajectory(key, None, errors[0])
+            continue
         try:
             traj = from_ase_frames(
                 [a for _, a in items], source=str(path), traj_id=key, energy_key=energy_key, forces_key=forces_key
@@ -169,6 +181,65 @@ def iter_extxyz_trajectories(
             yield ExtxyzTrajectory(key, None, err)
             continue
         yield ExtxyzTrajectory(key, traj, None)
+
+
+def _frame_key(path: Path, info: dict, trajectory_key: str | None, frame_key: str | None, index: int):
+    """``(trajectory id, frame order)`` of a frame from its info line (file stem / file index without keys)."""
+    key = info.get(trajectory_key) if trajectory_key else None
+    order = info.get(frame_key, index) if frame_key else index
+    return (file_stem(path) if key is None else str(key)), int(order)
+
+
+def _comment_value(comment: str, name: str | None):
+    """The value of ``name=...`` in an extxyz comment line (quotes stripped), or None."""
+    if not name:
+        return None
+    m = re.search(rf'(?:^|\s){re.escape(name)}=("[^"]*"|\S+)', comment)
+    return None if m is None else m.group(1).strip('"')
+
+
+def _parse_extxyz_frames(path: Path, text: str, trajectory_key: str | None, frame_key: str | None) -> list:
+    """``[((trajectory id, frame order), Atoms or TrajectoryError)]``, each frame parsed on its own so
+    an unreadable frame (unknown element symbol, cut-off lines) is named by its trajectory and frame
+    from its comment line while the other frames are kept. A frame-count line that is not a number
+    ends the file with a ``damaged_file`` error."""
+    import ase.io
+
+    lines = text.splitlines(keepends=True)
+    out, start, index = [], 0, 0
+    while start < len(lines) and lines[start].strip():
+        info = {}
+        comment = lines[start + 1] if start + 1 < len(lines) else ""
+        for name in (trajectory_key, frame_key):
+            value = _comment_value(comment, name)
+            if value is not None:
+                info[name] = value if name == trajectory_key else _int_or(value, index)
+        key = _frame_key(path, info, trajectory_key, frame_key, index)
+        where = f"{path} trajectory {key[0]!r} frame {key[1]}"
+        try:
+            count = int(lines[start].split()[0])
+        except ValueError:
+            out.append((key, TrajectoryError(f"{where}: line {start + 1} should hold the atom count, got "
+                                             f"{lines[start].strip()[:40]!r}", REASON_DAMAGED_FILE)))
+            break
+        chunk = "".join(lines[start : start + count + 2])
+        try:
+            with warnings.catch_warnings(), integrity.parser_errors(where, "an extended-XYZ frame"):
+                warnings.simplefilter("ignore")
+                atoms = ase.io.read(io.StringIO(chunk), format="extxyz")
+        except TrajectoryError as err:
+            atoms = err
+        out.append((key, atoms))
+        start += count + 2
+        index += 1
+    return out
+
+
+def _int_or(value: str, default: int) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        return default
 
 
 def read_extxyz(
@@ -202,13 +273,26 @@ def file_stem(path: Path) -> str:
     return name
 
 
-def read_outcar(path: PathLike, *, traj_id: str | None = None) -> list[Trajectory]:
-    """Read a VASP ``OUTCAR`` (or ``.gz``) through ASE's ``vasp-out`` reader: ionic steps -> frames."""
+def read_outcar(path: PathLike, *, traj_id: str | None = None, allow_incomplete: bool = False) -> list[Trajectory]:
+    """Read a VASP ``OUTCAR`` (or ``.gz``) through ASE's ``vasp-out`` reader: ionic steps -> frames.
+
+    An OUTCAR without VASP's final timing footer (the run was cut off) raises ``TrajectoryError``
+    (reason ``incomplete``) naming its last complete frame, unless ``allow_incomplete``: then its
+    complete ionic steps are kept with an ``IncompleteRunWarning`` (see
+    :mod:`bptt_mlip.data.integrity`). Unknown element symbols and unparsable text raise
+    ``TrajectoryError`` (``unknown_element`` / ``damaged_file``).
+    """
     import ase.io
 
     path = Path(path)
+    traj_id = traj_id or file_stem(path)
+    where = f"{path} trajectory {traj_id!r}"
     text = read_text(path)
-    with warnings.catch_warnings():
+    keep = integrity.frames_to_keep(text, "outcar", where, allow_incomplete=allow_incomplete)
+    with warnings.catch_warnings(), integrity.parser_errors(where, "a VASP OUTCAR", element_where=f"{where} frame 0"):
         warnings.simplefilter("ignore")
         frames = ase.io.read(_NamedStringIO(text, str(path)), index=":", format="vasp-out")
-    return [from_ase_frames(frames, source=str(path), traj_id=traj_id or file_stem(path))]
+    if keep is not None:
+        frames = frames[:keep]
+        integrity.warn_incomplete(where, "outcar", len(frames))
+    return [from_ase_frames(frames, source=str(path), traj_id=traj_id)]

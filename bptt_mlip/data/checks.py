@@ -2,6 +2,11 @@
 frame: finite numbers, known elements, at least two frames, no atoms closer than a minimum
 distance (minimum image along periodic directions), the same species in initial and reference
 structures. ``check_relaxations`` keeps or skips invalid records and counts them by reason.
+
+Variable-cell relaxations (the lattice changes between frames, e.g. VASP ISIF=3) are valid
+records, but the force models here take Cartesian positions in a fixed box and cannot follow a
+strain, so a dataset leaves them out by default: ``split_variable_cell`` separates them, each with
+the reason ``variable_cell`` and its largest lattice change and volume change.
 """
 
 from __future__ import annotations
@@ -14,11 +19,50 @@ from bptt_mlip.data.trajectory import (
     REASON_ATOMS_TOO_CLOSE,
     REASON_SPECIES_CHANGE,
     REASON_TOO_FEW_FRAMES,
+    REASON_VARIABLE_CELL,
     Trajectory,
     TrajectoryError,
     error_reason,
     validate,
 )
+
+DEFAULT_CELL_TOLERANCE = 1e-3
+"""Largest change (Å) of any lattice-vector component from the first frame that still counts as a
+fixed cell: well above the 1e-8 Å printing noise of a fixed-cell VASP run, well below any real
+strain (1e-3 Å on a 10 Å cell is a 1e-4 strain)."""
+
+
+def max_cell_change(traj: Trajectory) -> float:
+    """Largest change (Å) of any lattice-vector component from frame 0 over the run; 0 for a fixed cell."""
+    if traj.cells is None:
+        return 0.0
+    cells = np.asarray(traj.cells, np.float64)
+    return float(np.max(np.abs(cells - cells[0])))
+
+
+def split_variable_cell(trajs, *, tolerance: float = DEFAULT_CELL_TOLERANCE):
+    """``(fixed, skipped)``: trajectories whose cell changes by at most ``tolerance`` Å (see
+    :func:`max_cell_change`) in input order, and ``{"where", "reason": "variable_cell", "message"}``
+    dicts for the others (the message gives the lattice and volume change)."""
+    fixed, skipped = [], []
+    for traj in trajs:
+        change = max_cell_change(traj)
+        if change <= tolerance:
+            fixed.append(traj)
+            continue
+        v0, v1 = (abs(float(np.linalg.det(traj.cells[k]))) for k in (0, -1))
+        skipped.append({
+            "where": traj.where(),
+            "reason": REASON_VARIABLE_CELL,
+            "message": (
+                f"{traj.where()}: variable cell: the lattice changes by up to {change:.3g} Å between frames "
+                f"(volume {v0:.4g} -> {v1:.4g} Å^3, {100 * (v1 - v0) / v0:+.2f}%); the force models have no cell "
+                "input and cannot follow the strain. Pass keep_variable_cell=True (--keep_variable_cell) to "
+                "train on it anyway"
+            ),
+        })
+    return fixed, skipped
+
 
 def min_pair_distance(positions: np.ndarray, cell: np.ndarray | None = None, pbc=(False, False, False)):
     """``(d, i, j)``: the smallest distance (Å) between two atoms and their indices.

@@ -26,8 +26,9 @@ class DatasetLoad:
       trajectories: the valid, curated trajectories kept (in dataset order, at most
         ``max_trajectories`` of them when that is set).
       report: the :class:`~bptt_mlip.data.curation.CurationReport` of curation.
-      skipped: ``checks.skipped_summary(...)`` of the invalid records left out
-        (``{"num_skipped", "by_reason", "records"}``; empty counts without ``skip_bad_records``).
+      skipped: ``checks.skipped_summary(...)`` of the records left out
+        (``{"num_skipped", "by_reason", "records"}``): invalid ones with ``skip_bad_records``,
+        variable-cell ones (reason ``variable_cell``) unless ``keep_variable_cell``.
     """
 
     trajectories: list[Trajectory]
@@ -39,19 +40,23 @@ def _skip_record(where: str, err: Exception) -> dict:
     return {"where": where, "reason": trajectory.error_reason(err), "message": str(err)}
 
 
-def read_files(paths: Sequence[str | Path], *, skip_bad_records: bool = False) -> tuple[list[Trajectory], list[dict]]:
+def read_files(
+    paths: Sequence[str | Path], *, skip_bad_records: bool = False, allow_incomplete: bool = False
+) -> tuple[list[Trajectory], list[dict]]:
     """Read data files (format guessed from each name): ``(trajectories, skipped)``.
 
-    Without ``skip_bad_records`` an invalid record raises its ``TrajectoryError``. With it, an
-    extxyz file is read trajectory by trajectory (keeping its valid ones); a file of another
-    format that fails is left out whole. Each record left out is a ``{"where", "reason",
-    "message"}`` dict in ``skipped``.
+    Without ``skip_bad_records`` an invalid record raises its ``TrajectoryError`` (a run cut off
+    mid-way, a damaged file, an unknown element symbol included). With it, an extxyz file is read
+    trajectory by trajectory (keeping its valid ones); a file of another format, or a file that
+    cannot be read at all (damaged gzip), is left out whole. Each record left out is a
+    ``{"where", "reason", "message"}`` dict in ``skipped``. ``allow_incomplete`` keeps the
+    complete frames of a vasprun.xml / OUTCAR cut off mid-run (with a warning naming the last).
     """
     out: list[Trajectory] = []
     skipped: list[dict] = []
     for path in paths:
         try:
-            out.extend(readers.read_trajectories([path]))
+            out.extend(readers.read_trajectories([path], allow_incomplete=allow_incomplete))
             continue
         except TrajectoryError as err:
             if not skip_bad_records:
@@ -60,7 +65,12 @@ def read_files(paths: Sequence[str | Path], *, skip_bad_records: bool = False) -
         if readers.guess_format(path) != "extxyz":
             skipped.append(_skip_record(str(path), first))
             continue
-        for record in readers.iter_extxyz_trajectories(path):
+        try:
+            records = list(readers.iter_extxyz_trajectories(path))
+        except TrajectoryError as err:
+            skipped.append(_skip_record(str(path), err))
+            continue
+        for record in records:
             if record.error is None:
                 out.append(record.trajectory)
             else:
@@ -68,13 +78,15 @@ def read_files(paths: Sequence[str | Path], *, skip_bad_records: bool = False) -
     return out, skipped
 
 
-def read_dataset_spec(spec: str, *, skip_bad_records: bool = False) -> tuple[list[Trajectory], list[dict]]:
+def read_dataset_spec(
+    spec: str, *, skip_bad_records: bool = False, allow_incomplete: bool = False
+) -> tuple[list[Trajectory], list[dict]]:
     """Trajectories of ``spec`` as read, before validation and curation: ``(trajectories, skipped)``.
 
     ``spec`` is ``"default:<name>"`` (a shipped set, see ``store.load_default_dataset``), a
     dataset folder (``manifest.json`` + ``cache.npz``) or comma-separated files (extxyz,
-    vasprun.xml[.gz], OUTCAR, MPtrj .json). Raises ValueError for an empty spec and
-    FileNotFoundError naming missing files.
+    vasprun.xml[.gz], OUTCAR, MPtrj .json; see :func:`read_files`). Raises ValueError for an
+    empty spec and FileNotFoundError naming missing files.
     """
     if spec.startswith(DEFAULT_PREFIX):
         return store.load_default_dataset(spec[len(DEFAULT_PREFIX):]), []
@@ -86,7 +98,7 @@ def read_dataset_spec(spec: str, *, skip_bad_records: bool = False) -> tuple[lis
     missing = [p for p in paths if not Path(p).exists()]
     if missing:
         raise FileNotFoundError(f"dataset spec {spec!r}: no such file(s): {missing}")
-    return read_files(paths, skip_bad_records=skip_bad_records)
+    return read_files(paths, skip_bad_records=skip_bad_records, allow_incomplete=allow_incomplete)
 
 
 def load_dataset_spec(
@@ -96,34 +108,49 @@ def load_dataset_spec(
     min_atom_distance: float = 0.5,
     min_frames: int = 3,
     max_trajectories: int = 0,
+    allow_incomplete: bool = False,
+    keep_variable_cell: bool = False,
+    cell_tolerance: float = checks.DEFAULT_CELL_TOLERANCE,
     report: Callable[[str], None] = print,
 ) -> DatasetLoad:
     """Trajectories of a dataset spec (see :func:`read_dataset_spec`), validated and curated.
 
     Every trajectory is checked (``checks.check_relaxation``: finite numbers, known elements,
     consistent atom counts, at least 2 frames, no two atoms closer than ``min_atom_distance`` Å
-    in the first and last frames; 0 = no distance check). An invalid one raises
-    ``TrajectoryError`` naming file, trajectory and frame, unless ``skip_bad_records``, which
-    leaves it out and counts it. Curation then drops trajectories with fewer than ``min_frames``
-    frames; ``max_trajectories`` > 0 keeps only the first that many. The skipped records and the
-    curation report are passed to ``report`` (one line each). Raises ValueError when no
-    trajectory is left.
+    in the first and last frames; 0 = no distance check). An invalid one, and a vasprun.xml /
+    OUTCAR cut off mid-run or a damaged file, raises ``TrajectoryError`` naming file, trajectory
+    and frame, unless ``skip_bad_records``, which leaves it out and counts it by reason.
+    ``allow_incomplete`` keeps the complete frames of a run cut off mid-way instead (warning).
+
+    Variable-cell relaxations (lattice change above ``cell_tolerance`` Å, e.g. VASP ISIF=3) are
+    always left out and counted with reason ``variable_cell`` (the force models cannot follow a
+    changing box) unless ``keep_variable_cell``. Curation then drops trajectories with fewer
+    than ``min_frames`` frames; ``max_trajectories`` > 0 keeps only the first that many. The
+    skipped records and the curation report are passed to ``report`` (one line each). Raises
+    ValueError when no trajectory is left.
     """
-    trajs, skipped = read_dataset_spec(spec, skip_bad_records=skip_bad_records)
+    trajs, skipped = read_dataset_spec(spec, skip_bad_records=skip_bad_records, allow_incomplete=allow_incomplete)
     good, bad = checks.check_relaxations(trajs, skip_bad=skip_bad_records, min_distance=min_atom_distance)
     skipped = skipped + bad
-    summary = checks.skipped_summary(skipped)
     if skipped:
-        report(f"skipped {len(skipped)} invalid trajectories (skip_bad_records): {summary['by_reason']}")
-        for record in skipped:
-            report(f"  skipped [{record['reason']}] {record['message']}")
+        report(f"skipped {len(skipped)} invalid trajectories (skip_bad_records): "
+               f"{checks.skipped_summary(skipped)['by_reason']}")
+    if not keep_variable_cell:
+        good, variable = checks.split_variable_cell(good, tolerance=cell_tolerance)
+        if variable:
+            report(f"skipped {len(variable)} variable-cell trajectories (keep_variable_cell=False)")
+        skipped = skipped + variable
+    for record in skipped:
+        report(f"  skipped [{record['reason']}] {record['message']}")
+    summary = checks.skipped_summary(skipped)
     kept, curation_report = curation.curate(good, min_frames=min_frames)
     report(f"dataset {spec}: {curation_report}")
     if max_trajectories:
         kept = kept[:max_trajectories]
     if not kept:
         raise ValueError(
-            f"dataset {spec!r}: no usable trajectories ({curation_report}; {len(skipped)} skipped as invalid)"
+            f"dataset {spec!r}: no usable trajectories ({curation_report}; {len(skipped)} skipped: "
+            f"{summary['by_reason']})"
         )
     return DatasetLoad(kept, curation_report, summary)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from bptt_mlip.data import integrity
 from bptt_mlip.data.ase_readers import chemical_formula, file_stem, read_text
 from bptt_mlip.data.trajectory import Trajectory, TrajectoryError, make_trajectory
 
@@ -78,20 +79,27 @@ def from_pymatgen_structures(
     )
 
 
-def read_vasprun(path: PathLike, *, traj_id: str | None = None) -> list[Trajectory]:
+def read_vasprun(path: PathLike, *, traj_id: str | None = None, allow_incomplete: bool = False) -> list[Trajectory]:
     """Read a VASP ``vasprun.xml`` (or ``.gz``) through pymatgen: one trajectory, ionic steps -> frames.
 
     Energy per frame is ``e_fr_energy`` (free energy, eV); forces in eV/Å. Variable-cell runs keep
-    per-frame cells in ``cells`` and the first frame's cell in ``cell``.
+    per-frame cells in ``cells`` and the first frame's cell in ``cell``. A file that does not end
+    with ``</modeling>`` (the run was cut off) raises ``TrajectoryError`` (reason ``incomplete``)
+    naming its last complete frame, unless ``allow_incomplete``: then its complete ionic steps are
+    kept with an ``IncompleteRunWarning`` (see :mod:`bptt_mlip.data.integrity`). Unknown element
+    symbols and unparsable XML raise ``TrajectoryError`` (``unknown_element`` / ``damaged_file``).
     """
+    import tempfile
+
     from pymatgen.io.vasp.outputs import Vasprun
 
     path = Path(path)
+    traj_id = traj_id or file_stem(path)
+    where = f"{path} trajectory {traj_id!r}"
     text = read_text(path)
-    with warnings.catch_warnings():
+    keep = integrity.frames_to_keep(text, "vasprun", where, allow_incomplete=allow_incomplete)
+    with warnings.catch_warnings(), integrity.parser_errors(where, "a vasprun.xml", element_where=f"{where} frame 0"):
         warnings.simplefilter("ignore")
-        import tempfile
-
         # Vasprun wants a filename; give it the decompressed copy.
         with tempfile.NamedTemporaryFile("w", suffix=".xml", delete=True) as tmp:
             tmp.write(text)
@@ -100,10 +108,11 @@ def read_vasprun(path: PathLike, *, traj_id: str | None = None) -> list[Trajecto
                 tmp.name, parse_dos=False, parse_eigen=False, parse_projected_eigen=False,
                 parse_potcar_file=False, exception_on_bad_xml=False,
             )
-    steps = run.ionic_steps
+        steps = run.ionic_steps[:keep]
     if not steps:
-        raise TrajectoryError(
-            f"{path} trajectory {traj_id or file_stem(path)!r}: zero ionic steps, expected at least one")
+        raise TrajectoryError(f"{where}: zero ionic steps, expected at least one")
+    if keep is not None:
+        integrity.warn_incomplete(where, "vasprun", len(steps))
     structures = [s["structure"] for s in steps]
     forces = [np.asarray(s["forces"], np.float64) if s.get("forces") is not None else None for s in steps]
     energies = [s.get("e_fr_energy", s.get("e_0_energy")) for s in steps]
@@ -113,7 +122,7 @@ def read_vasprun(path: PathLike, *, traj_id: str | None = None) -> list[Trajecto
             forces=forces if all(f is not None for f in forces) else None,
             energies=energies if all(e is not None for e in energies) else None,
             source=str(path),
-            traj_id=traj_id or file_stem(path),
+            traj_id=traj_id,
         )
     ]
 
@@ -133,7 +142,8 @@ def read_mptrj_json(
     from pymatgen.core import Structure
 
     path = Path(path)
-    data = json.loads(read_text(path))
+    with integrity.parser_errors(str(path), "an MPtrj JSON file"):
+        data = json.loads(read_text(path))
     if not isinstance(data, dict):
         raise TrajectoryError(f"{path}: expected a JSON object {{material_id: {{frame_id: frame}}}}")
     out = []
@@ -147,7 +157,8 @@ def read_mptrj_json(
             where = f"{path} trajectory {mp_id!r} frame {len(structures)} ({fid})"
             if "structure" not in rec:
                 raise TrajectoryError(f"{where}: no 'structure' entry")
-            s = Structure.from_dict(rec["structure"])
+            with integrity.parser_errors(where, "an MPtrj structure"):
+                s = Structure.from_dict(rec["structure"])
             structures.append(s)
             forces.append(rec.get(forces_key))
             e = rec.get(energy_key)

@@ -57,8 +57,20 @@ def guess_format(path: PathLike) -> str:
 _READERS = {"extxyz": read_extxyz, "vasprun": read_vasprun, "outcar": read_outcar, "mptrj": read_mptrj_json}
 
 
-def read_trajectories(paths: PathLike | Iterable[PathLike], format: str | None = None, **kwargs) -> list[Trajectory]:
-    """Read one or many files (format guessed from each name unless ``format`` is given)."""
+_RUN_READERS = ("vasprun", "outcar")
+"""Formats written by a running DFT code, whose files can be cut off mid-run."""
+
+
+def read_trajectories(
+    paths: PathLike | Iterable[PathLike], format: str | None = None, *, allow_incomplete: bool = False, **kwargs
+) -> list[Trajectory]:
+    """Read one or many files (format guessed from each name unless ``format`` is given).
+
+    A vasprun.xml / OUTCAR cut off mid-run raises ``TrajectoryError`` (reason ``incomplete``)
+    unless ``allow_incomplete`` (then its complete frames are kept with a warning naming the last);
+    damaged files and unknown element symbols raise ``TrajectoryError`` naming file, trajectory and
+    frame (reasons ``damaged_file``, ``unknown_element``). Other keywords go to the reader.
+    """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     out: list[Trajectory] = []
@@ -66,5 +78,6 @@ def read_trajectories(paths: PathLike | Iterable[PathLike], format: str | None =
         fmt = format or guess_format(p)
         if fmt not in _READERS:
             raise ValueError(f"{p}: unknown format {fmt!r}, expected one of {sorted(_READERS)}")
-        out.extend(_READERS[fmt](p, **kwargs))
+        extra = {"allow_incomplete": allow_incomplete} if fmt in _RUN_READERS else {}
+        out.extend(_READERS[fmt](p, **kwargs, **extra))
     return out

@@ -25,7 +25,11 @@ from bptt_mlip.data.trajectory import Trajectory, make_trajectory, mass_weighted
 CACHE_NAME = "cache.npz"
 MANIFEST_NAME = "manifest.json"
 EXTXYZ_NAME = "trajectories.extxyz.gz"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Layout of ``cache.npz``. Version 2 adds ``frame_cells`` (every frame's cell of variable-cell
+trajectories); a dataset without variable-cell trajectories is still written as version 1, byte
+for byte what version-1 code wrote and reads, and version-1 files load unchanged."""
+FIXED_CELL_FORMAT_VERSION = 1
 
 # ----------------------------------------------------------------------------- statistics
 
@@ -70,9 +74,12 @@ def _write_npz(path: Path, arrays: dict) -> None:
 def trajectories_to_arrays(trajs: Sequence[Trajectory], dtype=np.float32) -> dict:
     """Concatenate trajectories into flat arrays with offsets (the ``cache.npz`` layout).
 
-    Keys: species [sum n] int32, atom_offsets [K+1], frame_counts [K], frame_offsets [K+1]
+    Keys: format_version, species [sum n] int32, atom_offsets [K+1], frame_offsets [K+1]
     (into the frame axis), positions/forces [sum_k T_k n_k, 3] ``dtype``, energies [sum T] float64,
-    cells [K, 3, 3], pbc [K, 3], traj_ids [K] str, sources [K] str.
+    cells [K, 3, 3] (first frame's, Å), pbc [K, 3], traj_ids [K] str, sources [K] str; and, only
+    when some trajectory has per-frame cells (format version 2), frame_cells [sum T, 3, 3] float64
+    (every frame's cell, Å; the first frame's cell repeated for fixed-cell trajectories) with
+    has_frame_cells [K] bool saying which trajectories had them.
     """
     n = np.array([t.num_atoms for t in trajs], np.int64)
     tt = np.array([t.num_frames for t in trajs], np.int64)
@@ -93,12 +100,31 @@ def trajectories_to_arrays(trajs: Sequence[Trajectory], dtype=np.float32) -> dic
         arrays["forces"] = np.concatenate([t.forces.reshape(-1, 3) for t in trajs]).astype(dtype)
     if has_e:
         arrays["energies"] = np.concatenate([t.energies for t in trajs]).astype(np.float64)
+    if not any(t.cells is not None for t in trajs):
+        arrays["format_version"] = np.array(FIXED_CELL_FORMAT_VERSION, np.int32)
+        return arrays
+    arrays["has_frame_cells"] = np.array([t.cells is not None for t in trajs], bool)
+    arrays["frame_cells"] = np.concatenate([_frame_cells(t) for t in trajs]).astype(np.float64)
     return arrays
 
 
+def _frame_cells(traj: Trajectory) -> np.ndarray:
+    """[T, 3, 3] cells of every frame (Å): the per-frame ones, else the fixed cell (zeros without one)."""
+    if traj.cells is not None:
+        return np.asarray(traj.cells, np.float64)
+    cell = traj.cell if traj.cell is not None else np.zeros((3, 3))
+    return np.broadcast_to(np.asarray(cell, np.float64), (traj.num_frames, 3, 3))
+
+
 def trajectories_from_arrays(arrays, source: str | None = None) -> list[Trajectory]:
-    """Inverse of :func:`trajectories_to_arrays` (positions/forces come back as float64)."""
+    """Inverse of :func:`trajectories_to_arrays` (positions/forces come back as float64, per-frame
+    cells exactly). Raises ValueError for a format version newer than this code reads."""
+    # stored with shape (1,): the writer's ascontiguousarray makes 0-d arrays 1-d
+    version = int(np.ravel(arrays["format_version"])[0]) if "format_version" in arrays else 1
+    if version > FORMAT_VERSION:
+        raise ValueError(f"cache format version {version} is newer than this library reads ({FORMAT_VERSION})")
     ao, fo = arrays["atom_offsets"], arrays["frame_offsets"]
+    has_cells = arrays["has_frame_cells"] if "has_frame_cells" in arrays else np.zeros(len(ao) - 1, bool)
     pos = arrays["positions"]
     forces = arrays["forces"] if "forces" in arrays else None
     energies = arrays["energies"] if "energies" in arrays else None
@@ -118,6 +144,7 @@ def trajectories_from_arrays(arrays, source: str | None = None) -> list[Trajecto
                 energies=None if energies is None else energies[fo[k] : fo[k + 1]],
                 source=str(arrays["sources"][k]) if source is None else source,
                 traj_id=str(arrays["traj_ids"][k]),
+                cells=np.asarray(arrays["frame_cells"][fo[k] : fo[k + 1]], np.float64) if has_cells[k] else None,
             )
         )
     return out
@@ -132,7 +159,8 @@ def write_extxyz(trajs: Sequence[Trajectory], path: Path) -> None:
     buf = io.StringIO()
     for t in trajs:
         for i in range(t.num_frames):
-            atoms = Atoms(numbers=t.species, positions=t.positions[i], cell=t.cell, pbc=t.pbc)
+            cell = t.cells[i] if t.cells is not None else t.cell
+            atoms = Atoms(numbers=t.species, positions=t.positions[i], cell=cell, pbc=t.pbc)
             atoms.info["traj_id"] = t.traj_id
             atoms.info["frame"] = i
             atoms.calc = SinglePointCalculator(
@@ -183,14 +211,15 @@ def save_dataset(
     full_stats = dataset_statistics(trajs)
     trajs = [subsample_frames(t, frame_stride) for t in trajs]
     out.mkdir(parents=True, exist_ok=True)
-    _write_npz(out / CACHE_NAME, trajectories_to_arrays(trajs, dtype))
+    arrays = trajectories_to_arrays(trajs, dtype)
+    _write_npz(out / CACHE_NAME, arrays)
     files = {CACHE_NAME: _sha256(out / CACHE_NAME)}
     if write_xyz:
         write_extxyz(trajs, out / EXTXYZ_NAME)
         files[EXTXYZ_NAME] = _sha256(out / EXTXYZ_NAME)
     full = dict(manifest)
     full.update(
-        format_version=FORMAT_VERSION,
+        format_version=int(np.ravel(arrays["format_version"])[0]),
         dtype=np.dtype(dtype).name,
         statistics=full_stats,
         stored={"frame_stride": int(frame_stride), "num_frames": int(sum(t.num_frames for t in trajs))},

@@ -40,6 +40,12 @@ REASON_ATOMS_TOO_CLOSE = "atoms_too_close"
 REASON_SHAPE = "shape_mismatch"
 REASON_SPECIES_CHANGE = "species_change"
 REASON_INVALID = "invalid"
+REASON_INCOMPLETE = "incomplete"
+"""A DFT output file cut off mid-run (no closing tags / final footer): its last frame is not the run's end point."""
+REASON_DAMAGED_FILE = "damaged_file"
+"""A file that cannot be decompressed or parsed (damaged gzip, broken XML, unreadable frame)."""
+REASON_VARIABLE_CELL = "variable_cell"
+"""A relaxation whose cell changes between frames (e.g. VASP ISIF=3): left out of datasets by default."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -216,3 +216,14 @@ def _dq_validation(
 def _diverged_rollouts(state: steps.TrainState, metrics: loop.EpochMetrics) -> dict[str, int]:
     """Training rollouts of the epoch's good updates that diverged."""
     return {"diverged_rollouts": int(metrics.sums.get("diverged", 0.0))}
+
+
+def __getattr__(name: str):
+    """``normalizer_from_trajectories`` lived here before the regrouping; it is a force-model function now."""
+    if name == "normalizer_from_trajectories":
+        from bptt_mlip import _moved
+        from bptt_mlip.models import adapt
+
+        _moved.warn_moved(f"{__name__}.{name}", f"bptt_mlip.models.adapt.{name}")
+        return adapt.normalizer_from_trajectories
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,7 +30,7 @@ import functools
 import math
 import os
 import warnings
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,7 @@ import numpy as np
 
 from bptt_mlip import structures as structures_lib
 from bptt_mlip.relax import fire
-from bptt_mlip.models import adapt
+from bptt_mlip.models import registry
 from bptt_mlip.relax.scan import FrameModifiers, RolloutConfig, rollout
 from bptt_mlip.relax.step_rules import FixedStep, StepRule, step_rule_from_checkpoint
 
@@ -55,12 +55,14 @@ METHODS = ("frame", "fire")
 
 @dataclasses.dataclass(frozen=True)
 class TrainedModel:
-    """An ADAPT model ready to relax structures.
+    """A trained force model ready to relax structures: any kind of :mod:`bptt_mlip.models.registry`
+    (ADAPT, periodic ADAPT, the equivariant energy model), told apart by its config's class.
 
     Attributes:
-      config: the architecture.
-      normalizer: training-set standardisation statistics.
-      params: ``{"model": ADAPT parameters, "step_rule": step-rule parameters}`` (``step_rule`` may
+      config: the architecture (an ``AdaptConfig`` or an ``EquivariantConfig``).
+      normalizer: the model's training-set statistics (ADAPT's ``Normalizer``, the equivariant
+        model's ``EnergyScale``).
+      params: ``{"model": model parameters, "step_rule": step-rule parameters}`` (``step_rule`` may
         be empty for a pretrained-only checkpoint; then the rule's initial step size is used).
       step_rule: the step rule the model was fine-tuned with (fixed, learnable, neural head).
       modifiers: the frame's momentum, annealing and displacement cap it was fine-tuned with.
@@ -68,8 +70,8 @@ class TrainedModel:
       source: the checkpoint directory it was loaded from, or ``None``.
     """
 
-    config: adapt.AdaptConfig
-    normalizer: adapt.Normalizer
+    config: Any
+    normalizer: Any
     params: Params
     step_rule: StepRule = FixedStep()
     modifiers: FrameModifiers = FrameModifiers()
@@ -79,18 +81,31 @@ class TrainedModel:
     @classmethod
     def load(cls, checkpoint_dir: str | os.PathLike, step: int | None = None) -> "TrainedModel":
         """Load a checkpoint written by :func:`bptt_mlip.workflow.model_io.save_model` (a run
-        directory works too, see :func:`~bptt_mlip.workflow.model_io.resolve_checkpoint_dir`)."""
+        directory works too, see :func:`~bptt_mlip.workflow.model_io.resolve_checkpoint_dir`); the
+        model kind is the one the checkpoint records."""
         directory = resolve_checkpoint_dir(checkpoint_dir)
         config, normalizer, params, meta = model_io.load_model(directory, step)
         rule, modifiers, step_params = step_rule_from_checkpoint(model_io.saved_step_rule(meta),
-                                                                 params.get("step_rule"), normalizer)
+                                                                 params.get("step_rule"),
+                                                                 registry.step_head_statistics(normalizer))
         params = {"model": params["model"], "step_rule": step_params}
         return cls(config, normalizer, params, rule, modifiers, dict(meta), str(directory))
 
     @functools.cached_property
     def force_fn(self) -> ForceFn:
         """``force_fn(model_params, structures) -> [B, N, 3]`` eV/Å (one object per model, so jit caches hit)."""
-        return adapt.make_force_fn(self.config, self.normalizer)
+        return registry.make_force_fn(self.config, self.normalizer)
+
+    @property
+    def kind(self) -> str:
+        """The model kind (``"adapt"``, ``"equivariant"``)."""
+        return registry.kind_of(self.config)
+
+    @functools.cached_property
+    def energy_force_fn(self) -> Callable | None:
+        """``fn(model_params, structures) -> (energies [B] eV, forces [B, N, 3] eV/Å)`` for an energy
+        model; None for a model that predicts forces directly."""
+        return registry.make_energy_force_fn(self.config, self.normalizer)
 
     @property
     def model_params(self) -> Params:
@@ -105,7 +120,7 @@ class TrainedModel:
         return self.step_rule.describe(step_params)
 
     def num_params(self) -> int:
-        return adapt.count_params(self.params["model"])
+        return registry.count_params(self.params["model"])
 
 
 def _inference_rule(

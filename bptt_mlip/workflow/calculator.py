@@ -1,9 +1,17 @@
 """ASE glue: the trained model as an ASE calculator, and any ASE calculator as a data-generator oracle.
 
-``BPTTCalculator`` computes **forces only**. ADAPT predicts forces directly; it has no energy
-(and no stress), so asking for either raises ``PropertyNotImplementedError``.
+``BPTTCalculator`` computes what the model has. An energy model (the equivariant potential of
+:mod:`bptt_mlip.models.equivariant`, forces = -dE/dX) gives ``energy``, ``free_energy`` (the same
+number: the model has no electronic entropy) and ``forces``, so every ASE optimiser runs with it,
+``BFGS`` and the line-search ones included::
 
-ASE optimisers and energies: in ASE 3.29 every ``Optimizer`` logs an energy after each step
+    atoms.calc = BPTTCalculator(TrainedModel.load("runs/equivariant/checkpoints/bptt_best"))
+    BFGS(atoms, logfile=None).run(fmax=0.05, steps=200)
+
+ADAPT (either geometry) predicts forces directly: it has **forces only**, no energy (and no
+stress), so asking for either raises ``PropertyNotImplementedError``.
+
+ASE optimisers and energies of a forces-only model: in ASE 3.29 every ``Optimizer`` logs an energy after each step
 (``Optimizer.log`` calls ``optimizable.get_value()``, i.e. ``atoms.get_potential_energy()``,
 even with ``logfile=None``), so ``FIRE(atoms).run()`` on atoms with a forces-only calculator
 stops with that error at its first log line. Wrap the atoms with :func:`forces_only`::
@@ -36,38 +44,42 @@ from bptt_mlip.data.batching import DEFAULT_BUCKETS, bucket_atoms
 from bptt_mlip.data.oracles import Oracle
 
 NO_ENERGY = (
-    "BPTTCalculator does not compute {name!r}: the ADAPT model predicts forces directly and has no "
+    "BPTTCalculator does not compute {name!r}: this model predicts forces directly and has no "
     "energy (and no stress). Ask for forces (atoms.get_forces()). To run an ASE optimiser, which "
     "logs an energy every step, wrap the atoms: FIRE(bptt_mlip.workflow.calculator.forces_only(atoms)).run(...)."
 )
 
 
 class BPTTCalculator(Calculator):
-    """ASE calculator of a trained model's forces (eV/Å); energy and stress are not available.
+    """ASE calculator of a trained model: forces (eV/Å), and the energy (eV) of energy models; no stress.
 
     Args:
       model: a :class:`bptt_mlip.workflow.api.TrainedModel`, or any ``force_fn(params, structures)``
-        (then pass ``params``).
+        (then pass ``params``; forces only).
       params: the force function's parameters (only with a plain ``force_fn``).
       buckets: atom-count padding sizes; a structure is padded to the smallest bucket that fits,
         so calls on structures of the same bucket reuse one compiled function.
 
     The force function is jitted once per model (shared with :func:`bptt_mlip.relax_structures`); it
-    runs in float32, and ASE's float64 positions are rounded to float32 on the way in.
+    runs in float32, and ASE's float64 positions are rounded to float32 on the way in (so a central
+    finite difference of the energy matches the forces to about 1e-3 eV/Å, not to float64 precision).
     """
 
-    implemented_properties = ["forces"]
+    implemented_properties = ["forces"]  # per instance: energy models add "energy" and "free_energy"
 
     def __init__(self, model, *, params=None, buckets: Sequence[int] = DEFAULT_BUCKETS, **kwargs):
         super().__init__(**kwargs)
-        self._force_fn, full_params, _ = api.resolve_model(model, params, caller="BPTTCalculator")
+        self._force_fn, full_params, trained = api.resolve_model(model, params, caller="BPTTCalculator")
         self._params = full_params["model"]
         self.model = model
         self.buckets = tuple(buckets)
-        self._jitted = api.jitted_forces(self._force_fn)
+        energy_force_fn = None if trained is None else trained.energy_force_fn
+        self.has_energy = energy_force_fn is not None
+        self.implemented_properties = ["energy", "free_energy", "forces"] if self.has_energy else ["forces"]
+        self._jitted = api.jitted_forces(energy_force_fn if self.has_energy else self._force_fn)
 
     def get_property(self, name, atoms=None, allow_calculation=True):
-        if name != "forces":
+        if name not in self.implemented_properties:
             raise PropertyNotImplementedError(NO_ENERGY.format(name=name))
         return super().get_property(name, atoms, allow_calculation)
 
@@ -75,8 +87,14 @@ class BPTTCalculator(Calculator):
         super().calculate(atoms, properties, system_changes)
         n = len(self.atoms)
         batch = structures_lib.from_atoms([self.atoms], max_atoms=bucket_atoms(n, self.buckets), batch_size=1)
-        forces = np.asarray(self._jitted(self._params, batch))[0, :n].astype(np.float64)
-        self.results = {"forces": forces}
+        if not self.has_energy:
+            forces = np.asarray(self._jitted(self._params, batch))[0, :n].astype(np.float64)
+            self.results = {"forces": forces}
+            return
+        energies, forces = self._jitted(self._params, batch)
+        energy = float(np.asarray(energies)[0])
+        self.results = {"energy": energy, "free_energy": energy,
+                        "forces": np.asarray(forces)[0, :n].astype(np.float64)}
 
 
 class _ForcesOnlyOptimizable(OptimizableAtoms):

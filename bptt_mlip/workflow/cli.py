@@ -22,12 +22,16 @@ from pathlib import Path
 import numpy as np
 
 
+MODEL_TITLES = {"adapt": "ADAPT", "equivariant": "equivariant energy model"}
+"""How ``info`` names each model kind of :mod:`bptt_mlip.models.registry`."""
+
+
 class CliError(Exception):
     """A user-facing error: printed as ``bptt-mlip: error: ...`` with exit status 2."""
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bptt-mlip", description="Relax structures with a BPTT-fine-tuned ADAPT model.")
+    p = argparse.ArgumentParser(prog="bptt-mlip", description="Relax structures with a BPTT-fine-tuned force model.")
     sub = p.add_subparsers(dest="command", required=True, metavar="{relax,info}")
 
     r = sub.add_parser("relax", help="relax structures read from files; write extxyz",
@@ -147,7 +151,6 @@ def cmd_relax(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from bptt_mlip import descriptors
     from bptt_mlip.training import checkpoint
 
     model = _load_model(args.checkpoint)
@@ -157,7 +160,8 @@ def cmd_info(args) -> int:
     for key in ("role", "epoch"):
         if key in meta:
             print(f"{key}: {meta[key]}")
-    print("model config (ADAPT):")
+    print(f"model kind: {model.kind}")
+    print(f"model config ({MODEL_TITLES.get(model.kind, model.kind)}):")
     for k, v in meta.get("model_config", {}).items():
         print(f"  {k} = {v}")
     print(f"parameters: {model.num_params()}")
@@ -165,21 +169,37 @@ def cmd_info(args) -> int:
     for k, v in meta.get("step_config", {}).items():
         print(f"  {k} = {v}")
     print(f"step: {model.step_description()}")
-    norm = model.normalizer
-    names = ["x", "y", "z", *descriptors.DESCRIPTOR_NAMES]
-    print("normaliser (training-set statistics):")
-    print(f"  {'input':<22} {'mean':>12} {'std':>12}")
-    for name, mu, sd in zip(names, np.asarray(norm.input_mean), np.asarray(norm.input_std)):
-        print(f"  {name:<22} {mu:>12.5g} {sd:>12.5g}")
-    fm, fs = np.asarray(norm.force_mean), np.asarray(norm.force_std)
-    mean, std = np.array2string(fm, precision=4), np.array2string(fs, precision=4)
-    print(f"  {'force (x, y, z) eV/Å':<22} mean {mean} std {std}")
-    other = {k: v for k, v in meta.items() if k not in ("model_config", "step_config", "role", "epoch")}
+    print_statistics(model.normalizer)
+    other = {k: v for k, v in meta.items() if k not in ("model_kind", "model_config", "step_config", "role", "epoch")}
     if other:
         print("other meta:")
         for k, v in other.items():
             print(f"  {k} = {v}")
     return 0
+
+
+def print_statistics(statistics) -> None:
+    """The model's training-set statistics: ADAPT's normaliser, or the equivariant model's energy scale."""
+    from ase.data import chemical_symbols
+
+    from bptt_mlip import descriptors
+    from bptt_mlip.models import adapt
+
+    if not isinstance(statistics, adapt.Normalizer):
+        print("energy scale (training-set statistics):")
+        print(f"  per-atom output scale: {float(statistics.energy_scale):.5g} eV")
+        shift = np.asarray(statistics.element_shift)
+        for z in np.nonzero(shift)[0]:
+            print(f"  element shift {chemical_symbols[z]}: {shift[z]:.6g} eV/atom")
+        return
+    names = ["x", "y", "z", *descriptors.DESCRIPTOR_NAMES]
+    print("normaliser (training-set statistics):")
+    print(f"  {'input':<22} {'mean':>12} {'std':>12}")
+    for name, mu, sd in zip(names, np.asarray(statistics.input_mean), np.asarray(statistics.input_std)):
+        print(f"  {name:<22} {mu:>12.5g} {sd:>12.5g}")
+    fm, fs = np.asarray(statistics.force_mean), np.asarray(statistics.force_std)
+    mean, std = np.array2string(fm, precision=4), np.array2string(fs, precision=4)
+    print(f"  {'force (x, y, z) eV/Å':<22} mean {mean} std {std}")
 
 
 def main(argv: list[str] | None = None) -> int:

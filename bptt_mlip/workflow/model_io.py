@@ -6,7 +6,10 @@ rebuilt in a new process without knowing how it was trained.
     config, normalizer, params, meta = model_io.load_model("runs/x")   # run or checkpoint directory
 
 A model checkpoint is one step folder (``0/``) written by ``checkpoint.save_checkpoint`` whose
-JSON meta holds ``model_config`` (the ADAPT architecture) and ``step_config`` (the step rule).
+JSON meta holds ``model_kind`` (a kind of :mod:`bptt_mlip.models.registry`; checkpoints without it
+hold ADAPT), ``model_config`` (the architecture) and ``step_config`` (the step rule). Its
+``normalizer`` item holds the model's statistics (ADAPT's ``Normalizer``, the equivariant model's
+``EnergyScale``) by field name.
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from bptt_mlip.models import adapt
+from bptt_mlip.models import adapt, registry
 from bptt_mlip.training import checkpoint
 from bptt_mlip.types import Params
 from bptt_mlip.workflow.report import jsonable
 
-MODEL_CONFIG_KEY = "model_config"
+MODEL_CONFIG_KEY = registry.MODEL_CONFIG_KEY
+MODEL_KIND_KEY = registry.MODEL_KIND_KEY
 STEP_RULE_KEY = "step_config"
 
 # Where a run directory of ``experiments.finetune`` keeps its models, best first.
@@ -40,18 +44,19 @@ def saved_step_rule(meta: dict[str, Any]) -> dict[str, Any]:
 def save_model(
     directory: str | os.PathLike,
     params: Params,
-    normalizer: adapt.Normalizer,
-    model_config: adapt.AdaptConfig,
+    normalizer: Any,
+    model_config: Any,
     step_rule_meta: dict[str, Any],
     extra_meta: dict[str, Any] | None = None,
 ) -> Path:
     """Save an evaluation-ready model as step 0 of an orbax checkpoint in ``directory``.
 
-    ``params`` is ``{"model": ADAPT parameters, <step group>: step-rule parameters}`` (the step
-    group may be ``{}``). ``step_rule_meta`` is the step rule as the step-rule module's
-    ``to_dict`` function writes it (read back with :func:`saved_step_rule`). The meta holds the
-    model config, the step rule and ``extra_meta`` (made JSON-friendly: numpy numbers become
-    Python numbers, non-finite floats strings). Returns the step folder written.
+    ``params`` is ``{"model": model parameters, <step group>: step-rule parameters}`` (the step group may be
+    ``{}``). ``normalizer`` is the model's statistics and ``model_config`` the config of any registered kind
+    (:mod:`bptt_mlip.models.registry`; the kind is recorded). ``step_rule_meta`` is the step rule as the step-rule
+    module's ``to_dict`` function writes it (read back with :func:`saved_step_rule`). The meta holds the model kind
+    and config, the step rule and ``extra_meta`` (made JSON-friendly: numpy numbers become Python numbers,
+    non-finite floats strings). Returns the step folder written.
     """
     import jax
     import jax.numpy as jnp
@@ -63,7 +68,7 @@ def save_model(
     state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optax.identity().init(params),
                              key=jax.random.PRNGKey(0))
     meta = {
-        MODEL_CONFIG_KEY: checkpoint.config_to_dict(model_config),
+        **registry.config_to_dict(registry.kind_of(model_config), model_config),
         STEP_RULE_KEY: jsonable(dict(step_rule_meta)),
         **jsonable(extra_meta or {}),
     }
@@ -72,12 +77,11 @@ def save_model(
 
 def load_model(
     path: str | os.PathLike, step: int | None = None
-) -> tuple[adapt.AdaptConfig, adapt.Normalizer, Params, dict[str, Any]]:
-    """``(model_config, normalizer, params, meta)`` from a model checkpoint or a run directory
-    (see :func:`resolve_checkpoint_dir`); ``params`` is the saved pytree, ``{"model": ..., <step
-    group>: ...}``, with a step group saved empty given back as ``{}``. Raises FileNotFoundError
-    naming a path that holds no checkpoint and ValueError for a checkpoint whose meta has no
-    model config.
+) -> tuple[Any, Any, Params, dict[str, Any]]:
+    """``(model_config, normalizer, params, meta)`` of any registered model kind from a model checkpoint or a run
+    directory (see :func:`resolve_checkpoint_dir`); ``params`` is the saved pytree, ``{"model": ..., <step group>:
+    ...}``, with a step group saved empty given back as ``{}``. Raises FileNotFoundError naming a path that holds no
+    checkpoint and ValueError for a checkpoint whose meta has no model config.
     """
     directory = resolve_checkpoint_dir(path)
     saved, normalizer, meta = restore_model(directory, step)
@@ -86,15 +90,16 @@ def load_model(
             f"checkpoint {str(directory)!r} has no {MODEL_CONFIG_KEY!r} in its meta; cannot rebuild the model "
             "(was it written by bptt-mlip's model_io.save_model?)"
         )
-    config = adapt_config_from_dict(meta[MODEL_CONFIG_KEY])
+    _, config = registry.config_from_dict(meta)
     params = {group: ({} if tree is None else tree) for group, tree in saved.items()}
     return config, normalizer, params, dict(meta)
 
 
 def restore_model(
     directory: str | os.PathLike, step: int | None = None
-) -> tuple[dict[str, Any], adapt.Normalizer, dict]:
-    """Restore ``(params, normalizer, meta)`` without knowing the training set-up.
+) -> tuple[dict[str, Any], Any, dict]:
+    """Restore ``(params, normalizer, meta)`` without knowing the training set-up; ``normalizer``
+    is the statistics of the kind the meta names (ADAPT's ``Normalizer`` when it names none).
 
     ``params`` is ``{"model": ..., "step_rule": ...}``; checkpoints written before the step rule
     had its own name store the step parameters under ``"step"``, which is renamed here.
@@ -110,7 +115,9 @@ def restore_model(
     if "step" in params and "step_rule" not in params:
         params["step_rule"] = params.pop("step")
     params["step_rule"] = params.get("step_rule") or {}
-    return params, adapt.Normalizer.from_arrays(model["normalizer"]), out["meta"]
+    meta = out["meta"]
+    kind = meta.get(MODEL_KIND_KEY) or registry.DEFAULT_KIND
+    return params, registry.statistics_from_arrays(kind, model["normalizer"]), meta
 
 
 def adapt_config_from_dict(d: dict[str, Any]) -> adapt.AdaptConfig:
