@@ -317,6 +317,14 @@ def save_pretrained(workdir: Path, cfg, normalizer, model_params, history: list)
     return path
 
 
+def explicit_run_flags(exclude: tuple[str, ...] = ()) -> list[str]:
+    """The flags of this module given on the command line (not defaults, not ``exclude``), as
+    ``--name=value`` arguments to hand on to ``experiments.finetune`` runs started by a driver
+    script, so that e.g. ``crossval --dataset=FILE`` runs every fold on FILE."""
+    module_flags = FLAGS.flags_by_module_dict().get(__name__, [])
+    return [f.serialize() for f in module_flags if f.present and f.name not in exclude]
+
+
 def command_line() -> str:
     return " ".join([Path(sys.executable).name] + sys.argv)
 

@@ -8,7 +8,8 @@ For every fold k of a seeded partition of the curated trajectories into ``--cv_f
 training trajectories, grid-searches the fixed step on training data, evaluates that model at its
 best step on the held-out fold: the reference of every ratio); every variant then runs
 ``experiments.finetune`` from that pretrained model and step with its flags. The test fold is
-never used for a choice.
+never used for a choice. Data and model flags given to this script (``--dataset``, ``--num_val``,
+``--model``, ...) are handed on to every run; ``--extra`` adds any other finetune flag.
 
 Per variant and fold: test mean Dq and its ratio to the fold's reference, test force RMSE and its
 ratio, converged relaxations; then mean and sample standard deviation over folds, into
@@ -113,7 +114,8 @@ def main(argv):
     root = Path(FLAGS.cv_dir)
     root.mkdir(parents=True, exist_ok=True)
     flagfile = [f"--flagfile={FLAGS.base_flagfile}"] if FLAGS.base_flagfile else []
-    shared = [*flagfile, f"--cv_folds={FLAGS.cv_folds}", f"--cv_seed={FLAGS.cv_seed}", "--fire=false",
+    passed_on = common.explicit_run_flags(exclude=("cv_folds", "cv_seed", "cv_fold", "workdir", "overwrite"))
+    shared = [*flagfile, *passed_on, f"--cv_folds={FLAGS.cv_folds}", f"--cv_seed={FLAGS.cv_seed}", "--fire=false",
               "--grid_on_test=false", *shlex.split(FLAGS.extra)]
     folds = [int(k) for k in FLAGS.only_folds] if FLAGS.only_folds else list(range(FLAGS.cv_folds))
     if any(not 0 <= k < FLAGS.cv_folds for k in folds):

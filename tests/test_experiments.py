@@ -157,3 +157,17 @@ def test_split_errors_are_translated_to_flag_names():
         "--num_test=6 + --num_val=4 >= 10 usable trajectories: no training data left; lower num_test / num_val")
     assert common.as_flag_names("fold=3 must be in 0..2 (folds=3)", common.SPLIT_FLAGS) == (
         "--cv_fold=3 must be in 0..2 (--cv_folds=3)")
+
+
+def test_crossval_hands_its_data_and_model_flags_on_to_every_run():
+    """``crossval --dataset=FILE`` once ran every fold on the default dataset; the flags given to the
+    driver (not their defaults) must reach each finetune run."""
+    script = (
+        "from absl import flags\n"
+        "from experiments import common, crossval\n"
+        "flags.FLAGS(['crossval', '--dataset=/data/mine.extxyz', '--num_val=7', '--cv_folds=3', '--workdir=x'])\n"
+        "print(common.explicit_run_flags(exclude=('cv_folds', 'workdir')))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "['--dataset=/data/mine.extxyz', '--num_val=7']"
