@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
-from jax_md import space
 
 from bptt_mlip import losses
 from bptt_mlip.models.adapt import MATMUL_DTYPES, AdaptConfig, EncoderBlock, Normalizer, key_padding_mask
@@ -50,6 +49,10 @@ def minimum_image_displacements(positions: jnp.ndarray, cell: jnp.ndarray) -> jn
     periodic = jnp.abs(jnp.linalg.det(cell)) > 1e-6
     # a zero cell is replaced by the unit cube so that its (discarded) inverse stays finite
     safe_cell = jnp.where(periodic[:, None, None], cell, jnp.eye(3, dtype=cell.dtype))
+
+    # imported here, not at module level: importing jax_md starts the XLA backend, and a multi-process
+    # job must call jax.distributed.initialize before that (so `import bptt_mlip` must not)
+    from jax_md import space
 
     def one_structure(pos: jnp.ndarray, lattice_rows: jnp.ndarray) -> jnp.ndarray:
         # jax-md's box maps fractional to Cartesian coordinates as columns: x = T s, T = cell^T
@@ -137,7 +140,7 @@ class PeriodicAdapt(nn.Module):
 def descriptor_inputs(structures: Structures, normalizer: Normalizer) -> jnp.ndarray:
     """Standardised element descriptors [B, N, 9] (the Normalizer's columns after x, y, z); 0 on padding."""
     k = NUM_COORDINATES
-    x = (structures.features - normalizer.input_mean[k:]) / normalizer.scale(normalizer.input_std[k:])
+    x = (structures.features - normalizer.input_mean[k:]) / normalizer.input_scale()[k:]
     return jnp.where(structures.mask[..., None], x, 0.0)
 
 
