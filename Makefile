@@ -3,12 +3,13 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: help install lint test run finetune-cpu data benchmark clean
+.PHONY: help install lint test docs-check run finetune-cpu data benchmark clean
 
 help:
 	@echo "make install   - create $(VENV) and install bptt-mlip with test extras"
 	@echo "make lint      - install, then ruff (line length, errors) over the library, scripts and tests"
 	@echo "make test      - install, lint, then run the test suite"
+	@echo "make docs-check - check that every measured number in docs/ is in the run file it names"
 	@echo "make run       - install, then run the main job (BPTT fine-tuning on the shipped Si-defect data, ~15 min on 2 CPU cores)"
 	@echo "make data      - regenerate the shipped default datasets from their seeds"
 	@echo "make clean     - remove build and run artefacts"
@@ -25,6 +26,9 @@ lint: install
 
 test: lint
 	$(BIN)/python -m pytest tests
+
+docs-check:
+	$(PYTHON) -m experiments.docs_check
 
 run: install
 	$(BIN)/python -m experiments.finetune --flagfile=experiments/si_cpu.flags --workdir=runs/si_cpu --overwrite

@@ -2,9 +2,11 @@
 
 A frame (paper eq. 1) is ``X_{t+1} = X_t + eta_t * F(X_t)`` for every structure of a batch.
 A rollout repeats frames up to ``max_frames`` times. Each structure stops on its own when the
-RMS movement of its real atoms in one frame falls below ``stop_rms`` (paper: 1e-3 Å); from
-then on its positions are frozen, so later frames change neither its value nor its gradient.
-The stopping test is computed on stop-gradient values and is not differentiated. Early
+RMS movement of its real atoms in one frame falls below ``stop_rms`` (paper: 1e-3 Å), or, with
+``stop_fmax`` > 0, when the largest force on its real atoms at the current positions is below
+``stop_fmax`` (the ASE ``fmax`` rule: checked before the frame's step, which is then not taken);
+from then on its positions are frozen, so later frames change neither its value nor its gradient.
+The stopping tests are computed on stop-gradient values and are not differentiated. Early
 stopping is a mask over a fixed-length ``scan`` because ``while_loop`` cannot be
 reverse-differentiated.
 
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from bptt_mlip import losses
+from bptt_mlip.relax import fire
 from bptt_mlip.structures import Structures
 from bptt_mlip.types import ForceFn, Params
 
@@ -70,7 +73,14 @@ class RolloutConfig:
     Attributes:
       max_frames: K, the most frames a structure may take (paper: 75 defects, 45 crystals).
       stop_rms: a structure stops once the RMS displacement of its real atoms in one frame is
-        below this (Å; paper: 1e-3).
+        below this (Å; paper: 1e-3). That frame is applied and counted.
+      stop_fmax: with a value > 0, a structure also stops once the largest per-atom force norm of its
+        real atoms at the current positions is below this (eV/Å; ASE's ``fmax``): the frame about to
+        be taken is not applied and not counted. The end positions are checked too (one more force
+        evaluation), so a structure whose forces fall below it after its last allowed frame also
+        counts as converged. A static setting: a new value compiles anew. 0 = off (no extra work;
+        results bit-identical to a rollout without the rule). Data near equilibrium
+        needs a value at the scale of its forces (:func:`bptt_mlip.data.relax_settings.derive_relax_settings`).
       remat: ``"none"`` (store every frame's activations), ``"frame"`` (``jax.checkpoint`` each
         frame: recompute a frame's model activations in the backward pass), or ``"segment"``
         (checkpoint segments of ``segment_length`` frames, each frame inside also checkpointed:
@@ -80,19 +90,30 @@ class RolloutConfig:
       divergence_displacement: a frame that would move an atom farther than this (Å), or makes
         positions non-finite, marks the structure diverged and freezes it at its last good frame.
       return_trajectory: also return positions after every frame, [K + 1, B, N, 3].
+      early_exit: skip the force call of every frame after the whole batch has stopped (a
+        ``lax.cond`` inside the scan: the backward pass of a skipped frame is skipped too).
+        Results and gradients equal those without it to float32 rounding (the frame inside a cond is
+        compiled on its own and XLA may fuse its multiply-adds differently: ~1 ulp of positions), and
+        frames taken, converged and diverged exactly; False computes all ``max_frames`` frames.
+        Under ``vmap`` (e.g. the grid search over step sizes) a cond becomes a select and both
+        branches run, so there it saves nothing.
     """
 
     max_frames: int = 75
     stop_rms: float = 1e-3
+    stop_fmax: float = 0.0
     remat: str = "none"
     segment_length: int = 0
     remat_policy: str = "nothing_saveable"
     divergence_displacement: float = 5.0
     return_trajectory: bool = False
+    early_exit: bool = True
 
     def __post_init__(self):
         if self.max_frames < 1:
             raise ValueError(f"max_frames must be >= 1, got {self.max_frames}")
+        if not (self.stop_fmax >= 0 and math.isfinite(self.stop_fmax)):
+            raise ValueError(f"stop_fmax must be a finite force >= 0 eV/Å (0 = off), got {self.stop_fmax}")
         if self.remat not in REMAT_MODES:
             raise ValueError(f"remat must be one of {REMAT_MODES}, got {self.remat!r}")
         if self.remat_policy not in REMAT_POLICIES:
@@ -112,7 +133,7 @@ class RolloutResult(NamedTuple):
     Attributes:
       positions: [B, N, 3] end-point positions (Å).
       num_frames: [B] int32 frames actually applied to each structure.
-      converged: [B] bool, stopped by the RMS-movement rule.
+      converged: [B] bool, stopped by the RMS-movement rule or (``stop_fmax`` > 0) the largest-force rule.
       diverged: [B] bool, stopped because a frame turned non-finite or moved an atom too far.
       last_rms: [B] RMS displacement (Å) of the structure's last applied frame.
       trajectory: [K + 1, B, N, 3] positions after each frame (frozen after the stop), or None.
@@ -233,10 +254,25 @@ def rollout(
             noise = jax.random.normal(jax.random.fold_in(key, t), carry.positions.shape, carry.positions.dtype)
         update = displacement(forces, eta, mask, modifiers, carry.previous, noise)
         active = jnp.logical_not(carry.done) & (t < limit)
+        if rollout_config.stop_fmax:  # static: with the rule off the traced program is unchanged
+            carry, active = _force_stop(carry, active, forces, mask, rollout_config.stop_fmax)
         new = _advance(carry, update, active, mask, threshold, rollout_config.divergence_displacement)
         return new, (new.positions if rollout_config.return_trajectory else None)
 
-    carry, frames = _scan_frames(body, _initial_carry(structures), rollout_config)
+    def skip(carry: _Carry, t: jnp.ndarray):
+        return carry, (carry.positions if rollout_config.return_trajectory else None)
+
+    def frame_unless_finished(carry: _Carry, t: jnp.ndarray):
+        # once every structure has stopped, a frame changes nothing: the cond skips the force call
+        # forward and (being a cond, not a where) its backward pass too
+        finished = jnp.all(carry.done | (t >= limit))
+        return jax.lax.cond(finished, skip, body, carry, t)
+
+    carry, frames = _scan_frames(frame_unless_finished if rollout_config.early_exit else body,
+                                 _initial_carry(structures), rollout_config)
+    if rollout_config.stop_fmax:
+        end_forces = force_fn(params["model"], structures.replace(positions=carry.positions))
+        carry, _ = _force_stop(carry, jnp.logical_not(carry.done), end_forces, mask, rollout_config.stop_fmax)
     trajectory = None
     if rollout_config.return_trajectory:
         trajectory = jnp.concatenate([structures.positions[None], frames], axis=0)
@@ -254,6 +290,16 @@ def _initial_carry(structures: Structures) -> _Carry:
         num_frames=jnp.zeros((b,), jnp.int32),
         last_rms=jnp.zeros((b,), structures.positions.dtype),
     )
+
+
+def _force_stop(carry: _Carry, active: jnp.ndarray, forces: jnp.ndarray, mask: jnp.ndarray,
+                stop_fmax: float) -> tuple[_Carry, jnp.ndarray]:
+    """Mark the ``active`` [B] structures whose largest real-atom force in ``forces`` [B, N, 3] is
+    below ``stop_fmax`` eV/Å converged and done (a NaN force never stops); returns the updated carry
+    and the structures still active, which are the ones that take this frame's step."""
+    stopped = active & (jax.lax.stop_gradient(fire.max_force(forces, mask)) < stop_fmax)
+    carry = carry._replace(done=carry.done | stopped, converged=carry.converged | stopped)
+    return carry, active & jnp.logical_not(stopped)
 
 
 def _advance(carry: _Carry, update: jnp.ndarray, active: jnp.ndarray, mask: jnp.ndarray, threshold,

@@ -132,6 +132,23 @@ def _draw_stopping(config: BPTTConfig, stop_key: jax.Array):
     return stop_rms, frame_limit
 
 
+def _empty_weightless_rows(batch: RelaxationBatch) -> RelaxationBatch:
+    """The batch with every weight-0 row emptied (no real atoms, zero positions and cell).
+
+    A weight-0 row changes no loss value, but its rollout still runs: non-finite or exploding
+    positions there would reach the gradient through ``0 * NaN`` even though the row is masked
+    out of the mean. Emptying it first keeps padded rows out of gradients too."""
+    real = batch.weight > 0
+    s = batch.initial
+    initial = s.replace(
+        positions=jnp.where(real[:, None, None], s.positions, 0.0),
+        mask=s.mask & real[:, None],
+        cell=jnp.where(real[:, None, None], s.cell, 0.0),
+    )
+    target = jnp.where(real[:, None, None], batch.target_positions, 0.0)
+    return batch.replace(initial=initial, target_positions=target)
+
+
 def bptt_loss(
     params: Params,
     batch: RelaxationBatch,
@@ -153,6 +170,7 @@ def bptt_loss(
         raise ValueError("BPTTConfig.force_weight > 0 needs a force_batch of reference frames")
     noise_key, stop_key = jax.random.split(key)
     batch, force_batch = _augment(config, key, batch, force_batch)
+    batch = _empty_weightless_rows(batch)
     stop_rms, frame_limit = _draw_stopping(config, stop_key)
     result = scan.rollout(
         force_fn, step_rule, params, batch.initial, config.modifiers, config.rollout,
