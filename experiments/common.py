@@ -75,6 +75,8 @@ flags.DEFINE_enum("input_encoding", "xyz", ["xyz", "xyz+fourier"], "Per-atom pos
 # ---- rollout
 flags.DEFINE_integer("max_frames", 75, "Most frames per relaxation (paper: 75 defects, 45 crystals).")
 flags.DEFINE_float("stop_rms", 1e-3, "Stop a structure when its RMS movement in a frame is below this (Å).")
+flags.DEFINE_float("stop_fmax", 0.0, "Also stop a structure once the largest force on its atoms is below this (eV/Å; "
+                   "the ASE fmax rule, checked before each frame); 0 = off.")
 flags.DEFINE_enum("remat", "frame", ["none", "frame", "segment"], "Rematerialisation of the rollout in BPTT.")
 flags.DEFINE_integer("batch_size", 8, "Structures per BPTT / evaluation batch.")
 
@@ -303,17 +305,27 @@ def step_rule_meta(step_rule, modifiers=None) -> dict:
     return checkpoint.config_to_dict(step_rule)
 
 
-def save_model(path: Path, params, normalizer, cfg, step_rule, extra: dict, modifiers=None):
-    """``model_io.save_model`` with the step rule given as a rule object (or its stored dict)."""
-    return model_io.save_model(path, params, normalizer, cfg, step_rule_meta(step_rule, modifiers), extra)
+def training_domain(train_set):
+    """The ``bptt_mlip.data.domain.Domain`` of training trajectories (None for None or an empty set)."""
+    from bptt_mlip.data.domain import Domain
+
+    return Domain.from_trajectories(train_set) if train_set else None
 
 
-def save_pretrained(workdir: Path, cfg, normalizer, model_params, history: list) -> Path:
+def save_model(path: Path, params, normalizer, cfg, step_rule, extra: dict, modifiers=None, *, train_set=None):
+    """``model_io.save_model`` with the step rule given as a rule object (or its stored dict); with
+    ``train_set`` (the training trajectories) the model carries their ``Domain``."""
+    return model_io.save_model(path, params, normalizer, cfg, step_rule_meta(step_rule, modifiers), extra,
+                               domain=training_domain(train_set))
+
+
+def save_pretrained(workdir: Path, cfg, normalizer, model_params, history: list, *, train_set=None) -> Path:
     """Save a pretrained model (no step rule trained yet: the default rule) as
-    ``<workdir>/checkpoints/pretrained``; returns that directory."""
+    ``<workdir>/checkpoints/pretrained``, with the ``Domain`` of ``train_set`` (the training
+    trajectories) when given; returns that directory."""
     path = workdir / "checkpoints" / "pretrained"
     model_io.save_model(path, {"model": model_params, "step_rule": {}}, normalizer, cfg, {},
-                        {"role": "pretrained", "history": history})
+                        {"role": "pretrained", "history": history}, domain=training_domain(train_set))
     return path
 
 
@@ -327,6 +339,24 @@ def explicit_run_flags(exclude: tuple[str, ...] = ()) -> list[str]:
 
 def command_line() -> str:
     return " ".join([Path(sys.executable).name] + sys.argv)
+
+
+def run_main(main) -> None:
+    """``absl.app.run(main)``, except that a usage error (``app.UsageError``: bad flag values, a run
+    directory that cannot be used) is printed alone, with a one-line pointer to the flag help, and
+    exits with status 2, instead of after the script's whole flag help."""
+    from absl import app
+
+    def checked_main(argv):
+        try:
+            return main(argv)
+        except app.UsageError as err:
+            script = Path(sys.argv[0]).stem or "script"
+            print(f"{script}: error: {err}\n(--helpfull lists every flag with its help)",
+                  file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    app.run(checked_main)
 
 
 def run_finetune(run_dir: Path, args: list[str], log_path: Path) -> bool:

@@ -5,8 +5,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from bptt_mlip.models import adapt, equivariant
@@ -19,7 +20,7 @@ MODEL_NAMES = ("adapt", "periodic_adapt", "equivariant")
 """``--model`` choices: the published ADAPT, ADAPT with minimum-image attention, the equivariant energy model."""
 MODEL_FLAGS = ("model", "d_model", "d_ff", "num_heads", "num_layers", "dropout", "embed_hidden", "input_encoding",
                "net_force", "cutoff", "channels", "max_angular")
-ROLLOUT_FLAGS = ("max_frames", "stop_rms", "remat")
+ROLLOUT_FLAGS = ("max_frames", "stop_rms", "stop_fmax", "remat")
 STEP_RULE_FLAGS = ("step_kind", "init_step", "init_step_scale", "head_max_scale", "momentum", "anneal", "noise_std",
                    "max_displacement")
 BPTT_FLAGS = ("random_stopping", "max_frames", "dq_weight", "force_weight", "augment_rotation", "augment_translation")
@@ -52,9 +53,9 @@ def model_name(config: adapt.AdaptConfig | equivariant.EquivariantConfig) -> str
 
 
 def rollout_config(v: Flags, **overrides) -> scan.RolloutConfig:
-    """``--max_frames``, ``--stop_rms`` and ``--remat``; ``overrides`` replace any field."""
-    return scan.RolloutConfig(**{"max_frames": v["max_frames"], "stop_rms": v["stop_rms"], "remat": v["remat"],
-                                 **overrides})
+    """``--max_frames``, ``--stop_rms``, ``--stop_fmax`` and ``--remat``; ``overrides`` replace any field."""
+    return scan.RolloutConfig(**{"max_frames": v["max_frames"], "stop_rms": v["stop_rms"],
+                                 "stop_fmax": v.get("stop_fmax", 0.0), "remat": v["remat"], **overrides})
 
 
 def step_rule_settings(v: Flags, base_step: float) -> dict[str, Any]:
@@ -105,7 +106,74 @@ def pretrain_optim_config(v: Flags) -> optim.OptimConfig:
 
 
 def fire_config(v: Flags) -> fire.FireConfig:
+    """FIRE of ``--fire_fmax`` (eV/Å) and ``--fire_max_steps``."""
     return fire.FireConfig(fmax=v["fire_fmax"], max_steps=v["fire_max_steps"])
+
+
+DERIVABLE_FLAGS = ("stop_rms", "stop_fmax", "grid_steps", "fire_fmax")
+"""Settings that, with ``--derive_settings``, come from the training data unless given as flags."""
+FROM_FLAG, FROM_DEFAULT, FROM_DATA = "flag", "flag default", "derived from data"
+UNITS = {"stop_rms": "Å", "stop_fmax": "eV/Å", "grid_steps": "Å²/eV", "fire_fmax": "eV/Å"}
+
+
+@dataclasses.dataclass(frozen=True)
+class RelaxationSettings:
+    """The stopping rule, step-size grid and FIRE threshold a run uses, and where each came from.
+
+    Attributes:
+      stop_rms: RMS movement per frame below which a rollout stops (Å).
+      stop_fmax: largest per-atom force below which a rollout stops (eV/Å; 0 = off).
+      grid_steps: fixed step sizes of the grid search (Å²/eV).
+      fire_fmax: FIRE's convergence threshold on the largest per-atom force (eV/Å).
+      sources: name -> ``"flag"`` (given), ``"flag default"`` or ``"derived from data"``.
+      derived: the data-derived settings and their evidence (``RelaxSettings.to_dict()``), or None.
+      description: the derivation in one plain paragraph ("" when nothing was derived).
+    """
+
+    stop_rms: float
+    stop_fmax: float
+    grid_steps: tuple[float, ...]
+    fire_fmax: float
+    sources: Mapping[str, str]
+    derived: Mapping[str, Any] | None = None
+    description: str = ""
+
+    def flag_values(self, v: Flags) -> dict[str, Any]:
+        """The flag values ``v`` with these settings in place (``grid_steps`` as the list of strings the flag holds)."""
+        return {**v, "stop_rms": self.stop_rms, "stop_fmax": self.stop_fmax, "fire_fmax": self.fire_fmax,
+                "grid_steps": [repr(x) for x in self.grid_steps]}
+
+    def lines(self) -> list[str]:
+        """One line per setting: value, unit and source."""
+        def shown(name):
+            value = getattr(self, name)
+            return ", ".join(f"{x:.4g}" for x in value) if isinstance(value, tuple) else f"{value:.4g}"
+
+        return [f"{name} = {shown(name)} {UNITS[name]} ({self.sources[name]})" for name in DERIVABLE_FLAGS]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stop_rms": self.stop_rms, "stop_fmax": self.stop_fmax, "grid_steps": list(self.grid_steps),
+                "fire_fmax": self.fire_fmax, "sources": dict(self.sources), "derived": self.derived,
+                "description": self.description}
+
+
+def relaxation_settings(v: Flags, given: Iterable[str], derived=None) -> RelaxationSettings:
+    """The settings a run uses: each of :data:`DERIVABLE_FLAGS` from its flag when it is in
+    ``given`` (set on the command line or a flagfile) or nothing was ``derived``, else from
+    ``derived`` (``bptt_mlip.data.relax_settings.RelaxSettings`` of the training split)."""
+    given = set(given)
+    from_flags = {"stop_rms": float(v["stop_rms"]), "stop_fmax": float(v.get("stop_fmax", 0.0)),
+                  "grid_steps": tuple(float(x) for x in v["grid_steps"]), "fire_fmax": float(v["fire_fmax"])}
+    values, sources = {}, {}
+    for name in DERIVABLE_FLAGS:
+        if name in given or derived is None:
+            values[name], sources[name] = from_flags[name], FROM_FLAG if name in given else FROM_DEFAULT
+        else:
+            value = getattr(derived, name)
+            values[name] = tuple(float(x) for x in value) if name == "grid_steps" else float(value)
+            sources[name] = FROM_DATA
+    return RelaxationSettings(**values, sources=sources, derived=None if derived is None else derived.to_dict(),
+                              description="" if derived is None else derived.describe())
 
 
 def _bptt_config(v: Flags):

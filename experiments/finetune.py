@@ -10,18 +10,21 @@ the stages before BPTT in ``experiments.finetune_stages`` and the reports in ``e
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 from absl import app, flags
 
 from bptt_mlip.models import registry
-from bptt_mlip.training import checkpoint, evaluate, loop, loops, optim
+from bptt_mlip.relax import scan, step_rules
+from bptt_mlip.training import checkpoint, diagnostics, evaluate, loop, loops, optim
 from bptt_mlip.training import steps as train
 from experiments import common, configs, report
 from experiments import finetune_stages as stages
-from experiments.finetune_flags import RESUME_FREE_FLAGS, flag_problems  # noqa: F401  (defines the flags)
+from experiments.finetune_flags import RESUME_FREE_FLAGS, flag_problems, given_flags  # noqa: F401  (defines the flags)
 
 FLAGS = flags.FLAGS
 
@@ -33,14 +36,50 @@ def check_flags() -> None:
         raise app.UsageError("invalid flags:\n  " + "\n  ".join(problems))
 
 
+def relaxation_settings(train_set) -> configs.RelaxationSettings:
+    """The stopping rule, step grid and FIRE fmax of this run: the flags given, the rest derived
+    from ``train_set`` (with --derive_settings) or left at their defaults; logged."""
+    derived, given = None, given_flags(configs.DERIVABLE_FLAGS)
+    if FLAGS.derive_settings:
+        from bptt_mlip.data import relax_settings
+
+        try:
+            derived = relax_settings.derive_relax_settings(train_set)
+        except ValueError as err:
+            missing = [f"--{n}" for n in configs.DERIVABLE_FLAGS if n not in given]
+            if missing:
+                raise app.UsageError(f"{err}\n(--derive_settings needs it for {', '.join(missing)}: give them, or "
+                                     "--derive_settings=false for the flag defaults)") from None
+            common.info(f"settings not derived from the data (all given as flags): {err}")
+    settings = configs.relaxation_settings(common.flag_values(), given, derived)
+    common.info("relaxation settings: " + "; ".join(settings.lines()))
+    if settings.description:
+        common.info(settings.description)
+    return settings
+
+
+class BPTTResult(NamedTuple):
+    """What :func:`finetune_bptt` returns (test-split evaluation of the best-validation model)."""
+
+    params: Any
+    history: list
+    skipped_steps: int
+    summary: dict
+    per_structure: dict
+    setting: str
+    step_rule: Any
+    modifiers: scan.FrameModifiers
+
+
 def finetune_bptt(workdir: Path, cfg, normalizer, force_fn, model_params, best_step, data, eval_rollout, log, mesh,
-                  timings: dict):
-    """BPTT from the pretrained model (``data`` = (train, val, test)); the best-validation model is
-    saved as checkpoints/bptt_best and relaxes the test split. Returns (best params, history,
-    skipped non-finite updates, test summary, per-structure results, setting name)."""
+                  timings: dict, v: dict) -> BPTTResult:
+    """BPTT from the pretrained model (``data`` = (train, val, test); ``v`` the flag values with the
+    run's relaxation settings); the best-validation model is saved as checkpoints/bptt_best and
+    relaxes the test split."""
     train_set, val, test = data
-    batch, v, t0 = FLAGS.batch_size, common.flag_values(), time.time()
+    batch, t0 = FLAGS.batch_size, time.time()
     step_rule, modifiers = configs.step_rule(v, best_step, normalizer)
+    relax_meta = stages.save_relax_settings(workdir, v, best_step)  # carried by the saved models
     start_model = registry.init_params(cfg, jax.random.PRNGKey(FLAGS.seed + 1)) if FLAGS.random_init else model_params
     params = {"model": start_model, "step_rule": step_rule.init(jax.random.PRNGKey(FLAGS.seed + 2))}
     bptt_cfg = train.BPTTConfig(modifiers=modifiers, rollout=configs.rollout_config(v), **configs.bptt_settings(v))
@@ -57,7 +96,8 @@ def finetune_bptt(workdir: Path, cfg, normalizer, force_fn, model_params, best_s
         )
     except loop.TrainingStopped as err:
         common.save_model(workdir / "checkpoints" / "bptt_best", err.best_params, normalizer, cfg, step_rule,
-                          {"role": "bptt_best_validation", "stopped": err.message}, modifiers)
+                          {"role": "bptt_best_validation", "stopped": err.message, **relax_meta}, modifiers,
+                          train_set=train_set)
         log.close()
         raise SystemExit(f"{err.message}. Best parameters so far saved in {workdir / 'checkpoints' / 'bptt_best'}.")
     except checkpoint.CheckpointIncompatible as err:
@@ -70,13 +110,49 @@ def finetune_bptt(workdir: Path, cfg, normalizer, force_fn, model_params, best_s
         common.info(f"BPTT skipped {skipped_steps} updates with a non-finite loss or gradient "
                     "(counted in results.json)")
     common.save_model(workdir / "checkpoints" / "bptt_best", best_params, normalizer, cfg, step_rule,
-                      {"role": "bptt_best_validation"}, modifiers)
+                      {"role": "bptt_best_validation", **relax_meta}, modifiers, train_set=train_set)
     bptt_summary, bptt_per = evaluate.relaxation_table(force_fn, step_rule, best_params, test, modifiers, eval_rollout,
                                                        batch_size=batch)
     eta = step_rule.scalar_step_size(best_params["step_rule"])
     learned = None if eta is None else float(eta)
     setting = f"BPTT ({FLAGS.step_kind} step" + (f", eta={learned:.4g})" if learned else ")")
-    return best_params, bptt_history, skipped_steps, bptt_summary, bptt_per, setting
+    return BPTTResult(best_params, bptt_history, skipped_steps, bptt_summary, bptt_per, setting, step_rule, modifiers)
+
+
+def long_rollout_result(force_fn, model_params, best_step: float, bptt: BPTTResult, test, eval_rollout) -> dict:
+    """Both test relaxations (pretrained at the best grid step, BPTT) again with --long_rollout_factor
+    times --max_frames, so that a baseline cut short at --max_frames is compared run to convergence."""
+    long = dataclasses.replace(eval_rollout, max_frames=eval_rollout.max_frames * FLAGS.long_rollout_factor)
+    common.info(f"most pretrained best-grid rollouts hit max_frames: relaxing the test split again with "
+                f"max_frames={long.max_frames}")
+    fixed = step_rules.FixedStep(best_step)
+    pre, pre_per = evaluate.relaxation_table(force_fn, fixed, {"model": model_params, "step_rule": fixed.init()}, test,
+                                             scan.FrameModifiers(), long, batch_size=FLAGS.batch_size)
+    tuned, tuned_per = evaluate.relaxation_table(force_fn, bptt.step_rule, bptt.params, test, bptt.modifiers, long,
+                                                 batch_size=FLAGS.batch_size)
+    out = {"max_frames": long.max_frames, "pretrained_best_grid": pre, "bptt": tuned,
+           "dq_ratio": tuned["mean_dq"] / pre["mean_dq"],
+           "counts": {"pretrained_best_grid": diagnostics.relaxation_counts(pre_per, long.max_frames),
+                      "bptt": diagnostics.relaxation_counts(tuned_per, long.max_frames)}}
+    common.info(f"BPTT / best-grid Dq ratio with max_frames={long.max_frames}: {out['dq_ratio']:.4g} "
+                f"(converged: pretrained {pre['num_converged']}, BPTT {tuned['num_converged']} of "
+                f"{tuned['num_structures']})")
+    return out
+
+
+def run_diagnostics(pre_per, bptt_per, fire_per, grid_train, forces, train_set, test, v: dict, labels: dict) -> dict:
+    """``diagnostics.diagnose`` of this run's evaluations (``labels``: the table's names of the
+    pretrained best-grid and BPTT rows); each warning printed."""
+    diag = diagnostics.diagnose(
+        {"pretrained_best_grid": pre_per, "bptt": bptt_per}, max_frames=v["max_frames"],
+        baseline="pretrained_best_grid", fire=fire_per, fire_max_steps=v["fire_max_steps"], fire_fmax=v["fire_fmax"],
+        grid=grid_train, pretrained_forces=forces, train_species=[t.species for t in train_set],
+        test_species=[t.species for t in test], labels=labels)
+    for name, c in diag["relaxation"].items():
+        common.info(f"{name}: " + ", ".join(f"{k[4:]} {n}" for k, n in c.items()))
+    for warning in diag["warnings"]:
+        common.info(f"WARNING: {warning}")
+    return diag
 
 
 def main(argv):
@@ -91,6 +167,8 @@ def main(argv):
     trajs, curation, skipped = common.load_trajectories(FLAGS.dataset, return_skipped=True)
     test, val, train_set = common.split(trajs)
     common.info(f"split: {len(test)} test, {len(val)} val, {len(train_set)} train trajectories")
+    settings = relaxation_settings(train_set)
+    v = settings.flag_values(common.flag_values())
 
     t0 = time.time()
     cfg, normalizer, model_params, pretrain_history = stages.load_or_pretrain(workdir, train_set, val, log, mesh)
@@ -99,31 +177,37 @@ def main(argv):
     common.info(f"model: {configs.model_name(cfg)} {cfg}, {registry.count_params(model_params)} parameters")
     pre_forces = stages.force_errors(force_fn, model_params, test)
     t0 = time.time()
-    eval_rollout = common.rollout_config(remat="none")
+    eval_rollout = configs.rollout_config(v, remat="none")
     steps, grid_train, grid_test, best_step = stages.grid_search(workdir, force_fn, model_params, train_set, test,
-                                                                 eval_rollout, log)
+                                                                 eval_rollout, log, steps=settings.grid_steps)
     timings["grid_s"] = time.time() - t0
-    pre_summary, pre_per, fire_summary = stages.pretrained_baselines(force_fn, model_params, test, best_step,
-                                                                     eval_rollout, timings)
-    best_params, bptt_history, skipped_steps, bptt_summary, bptt_per, bptt_setting = finetune_bptt(
-        workdir, cfg, normalizer, force_fn, model_params, best_step, (train_set, val, test), eval_rollout, log, mesh,
-        timings)
-    bptt_forces = stages.force_errors(force_fn, best_params["model"], test)
+    pre_summary, pre_per, fire_summary, fire_per = stages.pretrained_baselines(
+        force_fn, model_params, test, best_step, eval_rollout, timings, fire_config=configs.fire_config(v))
+    bptt = finetune_bptt(workdir, cfg, normalizer, force_fn, model_params, best_step, (train_set, val, test),
+                         eval_rollout, log, mesh, timings, v)
+    bptt_forces = stages.force_errors(force_fn, bptt.params["model"], test)
 
     rows = [{"setting": "pretrained + FIRE", **fire_summary}] if fire_summary is not None else []
     rows += [{"setting": f"pretrained, best grid step {best_step:g}", **pre_summary},
-             {"setting": bptt_setting, **bptt_summary}]
+             {"setting": bptt.setting, **bptt.summary}]
     for row in rows:
         common.info(report.divergence_line(row))
+    diag = run_diagnostics(pre_per, bptt.per_structure, fire_per, grid_train, pre_forces, train_set, test, v,
+                           {"pretrained_best_grid": rows[-2]["setting"], "bptt": rows[-1]["setting"]})
+    long = None
+    if FLAGS.long_rollout_factor > 1 and diagnostics.baseline_max_frames_warning(
+            "", diag["relaxation"]["pretrained_best_grid"], v["max_frames"]):
+        long = long_rollout_result(force_fn, model_params, best_step, bptt, test, eval_rollout)
     timings["total_s"] = time.time() - t_start
     outcome = report.FinetuneOutcome(
         dataset=FLAGS.dataset, curation=curation, split={"test": len(test), "val": len(val), "train": len(train_set)},
         model_config=cfg, num_params=registry.count_params(model_params), steps=steps, best_step=best_step,
         grid_train=grid_train, grid_test=grid_test, relaxation=rows,
         forces={"pretrained": pre_forces, "bptt": bptt_forces},
-        pretrain_history=pretrain_history, bptt_history=bptt_history,
-        per_structure_dq={"pretrained_best_grid": pre_per["dq"], "bptt": bptt_per["dq"]}, timings=timings,
-        skipped_records=skipped, nonfinite_skipped_steps=skipped_steps, resumed=bool(FLAGS.resume))
+        pretrain_history=pretrain_history, bptt_history=bptt.history,
+        per_structure_dq={"pretrained_best_grid": pre_per["dq"], "bptt": bptt.per_structure["dq"]}, timings=timings,
+        skipped_records=skipped, nonfinite_skipped_steps=bptt.skipped_steps, resumed=bool(FLAGS.resume),
+        settings=settings.to_dict(), diagnostics=diag, long_rollout=long, max_frames=v["max_frames"])
     md = report.write_outputs(workdir, outcome, common.command_line())
     log.close()
     print("\n".join(md[4:]))
@@ -131,4 +215,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run_main(main)

@@ -62,6 +62,15 @@ flags.DEFINE_bool("random_init", False, "BPTT from random weights instead of the
 flags.DEFINE_bool("fire", True, "Evaluate the pretrained model with FIRE (ASE semantics) on the test split.")
 flags.DEFINE_float("fire_fmax", 0.05, "FIRE convergence: largest per-atom force below this (eV/Å).")
 flags.DEFINE_integer("fire_max_steps", 500, "FIRE step limit.")
+flags.DEFINE_bool("derive_settings", True,
+                  "Take each of --stop_rms, --stop_fmax, --grid_steps and --fire_fmax not given explicitly from the "
+                  "training trajectories (their force scale, per-frame movements and the step that best explains "
+                  "them); the values used and their sources are logged and written to results.md / results.json. "
+                  "false = the flag defaults.")
+flags.DEFINE_integer("long_rollout_factor", 4,
+                     "When most of the pretrained best-grid test rollouts end at --max_frames without converging, "
+                     "relax the test split again with this many times --max_frames (pretrained and BPTT) and report "
+                     "that ratio beside the plain one; 0 = never.")
 
 flags.DEFINE_bool("resume", False, "Continue the run in --workdir from its newest good checkpoint (same flags); the "
                   "result is bit-identical to an uninterrupted run on the same machine.")
@@ -72,6 +81,11 @@ flags.DEFINE_integer("max_consecutive_bad_steps", 10, "Stop BPTT after more than
 
 # flags a resumed run may change without changing its numbers
 RESUME_FREE_FLAGS = ("resume", "overwrite", "checkpoint_every")
+
+
+def given_flags(names: tuple[str, ...]) -> set[str]:
+    """The flags of ``names`` given explicitly (command line or flagfile), not left at their defaults."""
+    return {name for name in names if flags.FLAGS[name].present}
 
 
 def flag_problems(v: dict[str, Any]) -> list[str]:
@@ -108,6 +122,9 @@ def flag_problems(v: dict[str, Any]) -> list[str]:
              "--freeze_model with --step_kind=fixed leaves nothing to train (the model is frozen and the fixed step "
              "has no gradient); use --step_kind=learnable or neural, or --bptt_epochs=0")
     need(v["stop_rms"] > 0, f"--stop_rms={v['stop_rms']} must be > 0")
+    need(v["stop_fmax"] >= 0, f"--stop_fmax={v['stop_fmax']} must be >= 0 (0 = off)")
+    need(v["fire_fmax"] > 0, f"--fire_fmax={v['fire_fmax']} must be > 0")
+    need(v["long_rollout_factor"] >= 0, f"--long_rollout_factor={v['long_rollout_factor']} must be >= 0 (0 = off)")
     for name in ("batch_size", "pretrain_batch_size", "pretrain_frame_stride", "max_consecutive_bad_steps"):
         need(v[name] >= 1, f"--{name}={v[name]} must be >= 1")
     need(v["checkpoint_every"] >= 0, f"--checkpoint_every={v['checkpoint_every']} must be >= 0 (0 = every epoch)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from absl import app, flags
+from absl import flags
 
 from bptt_mlip.data import batching
 from bptt_mlip.models import registry
@@ -33,7 +33,7 @@ def main(argv):
     cfg, normalizer, params, history = common.pretrain_model(train_set, val, log, mesh)
     ff = registry.make_force_fn(cfg, normalizer)
     test_forces = evaluate.evaluate_forces(ff, params, batching.force_batches(test, FLAGS.pretrain_batch_size))
-    common.save_pretrained(workdir, cfg, normalizer, params, history)
+    common.save_pretrained(workdir, cfg, normalizer, params, history, train_set=train_set)
     results = {"test_forces": test_forces, "history": history, "num_params": registry.count_params(params),
                "wall_s": time.time() - t0}
     common.write_json(workdir / "results.json", results)
@@ -42,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run_main(main)

@@ -72,10 +72,96 @@ class FinetuneOutcome:
     skipped_records: dict
     nonfinite_skipped_steps: int
     resumed: bool
+    settings: dict | None = None  # configs.RelaxationSettings.to_dict()
+    diagnostics: dict | None = None  # training.diagnostics.diagnose(...), keys "pretrained_best_grid", "bptt"
+    long_rollout: dict | None = None  # both rollouts run again with more frames (see long_rollout_result)
+    max_frames: int = 0
 
     @property
     def dq_ratio(self) -> float:
         return self.relaxation[-1]["mean_dq"] / self.relaxation[-2]["mean_dq"]
+
+
+def movement_line(label: str, c: dict, limit: str) -> str:
+    """One bullet of what a relaxation setting did (``c``: ``diagnostics.relaxation_counts`` or ``fire_counts``)."""
+    n, fire_counts = c["num_structures"], "num_converged_at_step_0" in c
+    early = c["num_converged_at_step_0"] if fire_counts else c["num_first_frame_stops"]
+    hit = c["num_hit_max_steps"] if fire_counts else c["num_hit_max_frames"]
+    moved = n - (c["num_not_moved"] if c["num_not_moved"] >= 0 else early)
+    return (f"- {label}: {moved} of {n} test relaxations moved ({c['num_not_moved']} never moved, {early} "
+            f"{'converged at step 0' if fire_counts else 'stopped at their first frame'}); {c['num_converged']} "
+            f"converged, {hit} reached {limit} without converging, {c['num_diverged']} ran away.")
+
+
+def learned_line(o: FinetuneOutcome) -> str:
+    """What BPTT did to the end points, in words, with the ratio (and the ratio run to convergence)."""
+    r, rel = o.dq_ratio, (o.diagnostics or {}).get("relaxation", {})
+    if rel and all(c["num_not_moved"] == c["num_structures"] for c in rel.values()):
+        return (f"- Neither the pretrained nor the BPTT-tuned model moved any test structure: the Dq ratio {r:.3f} "
+                "says nothing about what was learned.")
+    if not np.isfinite(r):
+        verdict = "The BPTT / best-grid Dq ratio is not finite: some relaxations ran away"
+    elif r < 0.99:
+        verdict = "BPTT fine-tuning learned to end test relaxations closer to the DFT end points"
+    elif r <= 1.01:
+        verdict = "BPTT fine-tuning did not change how close test relaxations end to the DFT end points"
+    else:
+        verdict = "BPTT fine-tuning made test relaxations end farther from the DFT end points"
+    line = f"- {verdict} (Dq ratio {r:.3f}; 1 = no change)."
+    if o.long_rollout is not None:
+        lr = o.long_rollout
+        line += (f" With both rollouts allowed max_frames={lr['max_frames']} to run to convergence, the ratio is "
+                 f"{lr['dq_ratio']:.3f} (converged then: pretrained {lr['pretrained_best_grid']['num_converged']}, "
+                 f"BPTT {lr['bptt']['num_converged']} of {lr['bptt']['num_structures']}).")
+    return line
+
+
+def forces_line(o: FinetuneOutcome) -> str:
+    pre, bptt = o.forces["pretrained"], o.forces["bptt"]
+    ratio, zero = bptt["force_rmse"] / pre["force_rmse"], pre["zero_force_rmse"]
+    change = "better" if ratio < 0.99 else "worse" if ratio > 1.01 else "about the same"
+    return (f"- Forces on test frames: pretrained RMSE {pre['force_rmse']:.4g} eV/Å ({pre['force_rmse'] / zero:.2f} "
+            f"of the zero-force RMSE {zero:.4g}), BPTT-tuned {bptt['force_rmse']:.4g} (ratio {ratio:.3f}: {change}).")
+
+
+def what_happened(o: FinetuneOutcome) -> list[str]:
+    """The plain account at the top of results.md: what moved, what did not, what the model did
+    and did not learn, and every warning of the diagnostics."""
+    d = o.diagnostics or {}
+    rel, labels = d.get("relaxation", {}), [r["setting"] for r in o.relaxation]
+    lines = []
+    if "fire" in d:
+        lines.append(movement_line(labels[0], d["fire"], "the FIRE step limit"))
+    for key, label in zip(("pretrained_best_grid", "bptt"), labels[-2:]):
+        if key in rel:
+            lines.append(movement_line(label, rel[key], f"max_frames={o.max_frames}"))
+    pre, bptt = o.relaxation[-2], o.relaxation[-1]
+    fire = f"{o.relaxation[0]['mean_dq']:.4g} FIRE, " if len(o.relaxation) > 2 else ""
+    closed = 1 - pre["mean_dq"] / pre["mean_dq_initial"] if pre["mean_dq_initial"] > 0 else float("nan")
+    lines.append(f"- Mean test Dq (amu^0.5 Å): {pre['mean_dq_initial']:.4g} not moving at all, {fire}"
+                 f"{pre['mean_dq']:.4g} pretrained at the best grid step, {bptt['mean_dq']:.4g} BPTT-tuned. "
+                 + (f"The pretrained relaxations close {closed:.0%} of the distance to the DFT end points."
+                    if closed > 0 else "The pretrained relaxations end no closer to the DFT end points than not "
+                    "moving at all."))
+    lines += [learned_line(o), forces_line(o), ""]
+    warnings = d.get("warnings", [])
+    if not warnings:
+        return lines + ["No warnings: no rollout stopped at its first frame or never moved, no FIRE run converged "
+                        "at step 0, nothing ran away, the baseline was not cut at max_frames, the grid is neither "
+                        "flat nor best at its edge, the forces beat zero force, no test element is unseen."]
+    return lines + [f"**Warnings** ({len(warnings)}):", ""] + [f"- {w}" for w in warnings]
+
+
+def settings_lines(settings: dict | None) -> list[str]:
+    """The "Settings" section of results.md (``configs.RelaxationSettings.to_dict()``), ending in a blank line."""
+    if settings is None:
+        return []
+    out = ["## Settings: stopping rule, step grid, FIRE", ""]
+    for name in configs.DERIVABLE_FLAGS:
+        value = settings[name]
+        shown = ", ".join(f"{x:.4g}" for x in value) if isinstance(value, list) else f"{value:.4g}"
+        out.append(f"- {name} = {shown} {configs.UNITS[name]} ({settings['sources'][name]})")
+    return out + (["", settings["description"]] if settings.get("description") else []) + [""]
 
 
 def results_json(o: FinetuneOutcome) -> dict:
@@ -92,7 +178,9 @@ def results_json(o: FinetuneOutcome) -> dict:
         "skipped_records": o.skipped_records, "nonfinite_skipped_steps": o.nonfinite_skipped_steps,
         "diverged": {r["setting"]: {"num_diverged": r["num_diverged"], "num_nonfinite": r["num_nonfinite"],
                                     "mean_dq_not_diverged": r["mean_dq_not_diverged"]} for r in o.relaxation},
-        "resumed": o.resumed,
+        "resumed": o.resumed, "settings": o.settings, "diagnostics": o.diagnostics,
+        "long_rollout": o.long_rollout,
+        "dq_ratio_bptt_over_best_grid_long_rollout": None if o.long_rollout is None else o.long_rollout["dq_ratio"],
     }
 
 
@@ -100,11 +188,15 @@ def results_markdown(o: FinetuneOutcome, command: str) -> list[str]:
     """The lines of results.md (the lines from the fifth on are also printed)."""
     rows = grid_rows(o.steps, o.grid_train, o.grid_test)
     forces = [{"model": "pretrained", **o.forces["pretrained"]}, {"model": "BPTT-tuned", **o.forces["bptt"]}]
+    long = ([] if o.long_rollout is None else
+            [f"With both rollouts allowed max_frames={o.long_rollout['max_frames']} to run to convergence: "
+             f"**{o.long_rollout['dq_ratio']:.3f}**", ""])
     return [f"# Results: {o.dataset}", "", f"Command: `{command}`", "",
             (f"Split: {o.split['test']} test / {o.split['val']} val / {o.split['train']} train; model "
              f"{configs.model_name(o.model_config)} {o.model_config}, {o.num_params} parameters."), "",
+            "## What happened", "", *what_happened(o), "", *settings_lines(o.settings),
             "## Test relaxations (Dq in amu^0.5 Å)", "", markdown_table(o.relaxation, RELAXATION_COLUMNS), "",
-            f"BPTT / best-grid Dq ratio: **{o.dq_ratio:.3f}**", "",
+            f"BPTT / best-grid Dq ratio: **{o.dq_ratio:.3f}**", "", *long,
             "## Test force errors (eV/Å)", "", markdown_table(forces, FORCE_COLUMNS), "",
             "## Grid search (pretrained model)", "", markdown_table(rows, list(rows[0].keys())), "",
             "## Wall time (s)", "", markdown_table([{k: round(v, 1) for k, v in o.timings.items()}], list(o.timings))]

@@ -3,8 +3,10 @@
 The architecture follows the public ADAPT implementation of the paper:
 
 * per-atom input: x, y, z (Å) plus nine element descriptors (12 numbers), standardised
-  with training-set statistics ``(v - mean) / (0.3 * (std + 1e-6))``; optionally extra
-  sin/cos features of fractional coordinates (``input_encoding="xyz+fourier"``);
+  with training-set statistics ``(v - mean) / (0.3 * (std + 1e-6))`` (a column with no spread in
+  training, e.g. the descriptors of a one-element set, is divided by ``0.3 * max(|mean|, 1)``
+  instead: see :meth:`Normalizer.input_scale`); optionally extra sin/cos features of fractional
+  coordinates (``input_encoding="xyz+fourier"``);
 * embedding MLP ``12 -> 128 -> d_model -> d_model`` with ReLU between, LayerNorm, dropout;
 * ``num_layers`` post-LayerNorm encoder blocks:
   ``h = LN(x + Drop(MHA(x)))``, ``out = LN(h + Drop(W2 relu(W1 h)))``; padded atoms are
@@ -53,6 +55,10 @@ NET_FORCE_MODES = ("free", "zero")
 
 NORM_SCALE = 0.3
 NORM_EPS = 1e-6
+NO_SPREAD_RTOL = 1e-4
+"""An input column whose training std is at most this fraction of max(|mean|, 1) has no spread (see
+:meth:`Normalizer.input_scale`). Columns of real spread sit orders of magnitude above it: element
+descriptors differ between elements by percents at least, and a constant column has std 0 exactly."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,10 +169,27 @@ class Normalizer:
         return Normalizer(**{k: jnp.asarray(v, jnp.float32) for k, v in arrays.items()})
 
     def scale(self, std: jnp.ndarray) -> jnp.ndarray:
+        """The published divisor ``0.3 * (std + 1e-6)`` of a statistic's spread ``std``."""
         return NORM_SCALE * (std + NORM_EPS)
 
+    def input_scale(self) -> jnp.ndarray:
+        """[12] per-column divisor of the inputs.
+
+        A column with spread in training keeps the published ``0.3 * (std + 1e-6)`` (bit for bit).
+        A column without (``std <= 1e-4 max(|mean|, 1)``: the descriptors of a set with one element, where
+        std is exactly 0) would be divided by 3e-7, turning an element never seen into inputs of
+        order 1e7; it is divided by ``0.3 * max(|mean|, 1)`` instead, so an unseen value lands at an
+        O(1) relative difference (e.g. Cu's 11 valence electrons against Si's 4: (11 - 4) / 1.2 =
+        5.8). The training values themselves equal the mean and give 0 either way, so models
+        trained before this rule predict exactly as before on their own elements.
+        """
+        magnitude = jnp.maximum(jnp.abs(self.input_mean), 1.0)
+        no_spread = self.input_std <= NO_SPREAD_RTOL * magnitude
+        return jnp.where(no_spread, NORM_SCALE * magnitude, self.scale(self.input_std))
+
     def normalize_inputs(self, inputs: jnp.ndarray) -> jnp.ndarray:
-        return (inputs - self.input_mean) / self.scale(self.input_std)
+        """``(inputs - mean) / input_scale()`` of [..., 12] raw inputs (x, y, z Å and the 9 descriptors)."""
+        return (inputs - self.input_mean) / self.input_scale()
 
     def normalize_forces(self, forces: jnp.ndarray) -> jnp.ndarray:
         return (forces - self.force_mean) / self.scale(self.force_std)

@@ -58,6 +58,59 @@ def save_checkpoint(
     return Path(directory) / str(int(step))
 
 
+def save_model_checkpoint(directory: str | os.PathLike, state: Any, normalizer: Any, meta: dict[str, Any]) -> Path:
+    """Save a model checkpoint (one model per directory, as :func:`save_checkpoint` writes it),
+    replacing the model saved there before; returns the step folder that holds it.
+
+    An identical earlier save (equal meta, parameters and statistics, e.g. a resumed run saving its
+    best model again) is kept and its folder returned. Otherwise the new model is written as the
+    step after the newest (orbax commits a step by renaming its finished temporary folder) and only
+    then are the older steps deleted: a process killed at any moment leaves the old model or the
+    new one complete, never neither. Readers take the newest step.
+    """
+    import shutil
+
+    directory = Path(directory).absolute()
+    steps = checkpoint_steps(directory)
+    if steps and _holds_same_model(directory, steps[-1], state, normalizer, meta):
+        return directory / str(steps[-1])
+    written = save_checkpoint(directory, steps[-1] + 1 if steps else 0, state, normalizer, meta, max_to_keep=None)
+    for old in steps:
+        shutil.rmtree(directory / str(old), ignore_errors=True)
+    return written
+
+
+def _holds_same_model(directory: Path, step: int, state: Any, normalizer: Any, meta: dict[str, Any]) -> bool:
+    """Whether step ``step`` holds this meta and these model parameters and statistics, bit for bit
+    (the ``state`` item of a model checkpoint follows from its parameters); False if it does not restore."""
+    import json
+
+    mngr = manager(directory, None)
+    try:
+        out = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(),
+                                                           meta=ocp.args.JsonRestore()))
+    except Exception:  # noqa: BLE001 - an unreadable old save is simply replaced
+        return False
+    finally:
+        mngr.close()
+    model = {"params": state.params, "normalizer": arrays_of(normalizer)}
+    return out["meta"] == json.loads(json.dumps(meta)) and trees_equal(out["model"], model)
+
+
+def trees_equal(a: Any, b: Any) -> bool:
+    """Whether two pytrees have the same leaf paths and bit-identical leaves (shape and dtype included);
+    empty subtrees (``{}``, ``None``) count as absent."""
+    leaves_a, _ = jax.tree_util.tree_flatten_with_path(a)
+    leaves_b, _ = jax.tree_util.tree_flatten_with_path(b)
+    if [jax.tree_util.keystr(p) for p, _ in leaves_a] != [jax.tree_util.keystr(p) for p, _ in leaves_b]:
+        return False
+    for (_, x), (_, y) in zip(leaves_a, leaves_b):
+        x, y = np.asarray(x), np.asarray(y)
+        if x.shape != y.shape or x.dtype != y.dtype or not np.array_equal(x, y, equal_nan=x.dtype.kind in "fc"):
+            return False
+    return True
+
+
 def latest_step(directory: str | os.PathLike) -> int | None:
     if not Path(directory).exists():
         return None

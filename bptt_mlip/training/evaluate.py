@@ -3,7 +3,8 @@ tables the experiments print (fixed-step grid over trajectories, FIRE, a step ru
 
 Results are numpy arrays over the real structures only (padding rows removed, see
 :func:`per_structure`). Diverged relaxations are never silently averaged: :func:`summarize`
-reports their count and the mean over the rest as well as over all.
+reports their count and the mean over the rest as well as over all. ``diverged`` covers both the
+rollout's own per-frame checks and end points that are physically runaways (:func:`with_runaways`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from bptt_mlip.data import batching
 from bptt_mlip.data.trajectory import Trajectory
 from bptt_mlip.relax import fire
 from bptt_mlip.relax import grid
+from bptt_mlip.relax import runaway
 from bptt_mlip.relax import scan
 from bptt_mlip.relax.step_rules import StepRule
 from bptt_mlip.structures import ForceBatch, RelaxationBatch
@@ -62,7 +64,8 @@ def make_relax_eval(
     modifiers: scan.FrameModifiers,
     rollout_config: scan.RolloutConfig,
 ):
-    """A jitted ``fn(params, batch, key) -> dict`` of per-structure Dq, frames, flags for one batch.
+    """A jitted ``fn(params, batch, key) -> dict`` of per-structure Dq, frames, flags and end ``positions``
+    [B, N, 3] Å for one batch (:func:`with_runaways` turns the positions into the runaway flags).
 
     Cached on its (hashable) arguments, so repeated evaluations with the same force function
     and configs (validation after every epoch) reuse one compiled function per batch shape.
@@ -81,9 +84,27 @@ def make_relax_eval(
             "num_frames": res.num_frames,
             "converged": res.converged,
             "diverged": res.diverged,
+            "positions": res.positions,
         }
 
     return run
+
+
+def with_runaways(out: dict, structures) -> dict:
+    """One batch's results ``out`` with the end ``positions`` [B, N, 3] Å taken out and judged against
+    the start (``structures``, the batch's initial :class:`~bptt_mlip.structures.Structures`) by
+    :func:`bptt_mlip.relax.runaway.end_point_runaways`: two atoms in contact, an atom moved more than
+    5 Å over the whole run, or non-finite positions. ``runaway`` [B] holds that flag; ``diverged`` is
+    OR-ed with it and ``converged`` cleared by it, because the rollout's per-frame checks (and FIRE's
+    finiteness test) pass such end points: atoms pulled onto each other "converge" there, and atoms
+    flown tens of Å away stay finite, yet neither is a relaxed structure."""
+    out = {k: np.asarray(v) for k, v in out.items()}
+    end = out.pop("positions")
+    flags, _ = runaway.end_point_runaways(np.asarray(structures.positions), end, np.asarray(structures.species),
+                                          np.asarray(structures.cell), np.asarray(structures.mask))
+    out.update(runaway=flags, diverged=out["diverged"].astype(bool) | flags,
+               converged=out["converged"].astype(bool) & ~flags)
+    return out
 
 
 def evaluate_relaxations(
@@ -97,10 +118,12 @@ def evaluate_relaxations(
     key: jax.Array | None = None,
 ) -> dict[str, np.ndarray]:
     """Relax every batch; per-structure ``dq``, ``dq_initial``, ``mse``, ``num_frames``, ``converged``,
-    ``diverged`` over the real rows (batch ``i`` draws its step noise from ``fold_in(key, i)``)."""
+    ``diverged`` (runaway end points included) and ``runaway`` (see :func:`with_runaways`) over the real
+    rows (batch ``i`` draws its step noise from ``fold_in(key, i)``)."""
     run = make_relax_eval(force_fn, step_rule, modifiers, rollout_config)
     key = jax.random.PRNGKey(0) if key is None else key
-    return per_structure(lambda i, batch: run(params, batch, jax.random.fold_in(key, i)), batches)
+    return per_structure(lambda i, batch: with_runaways(run(params, batch, jax.random.fold_in(key, i)), batch.initial),
+                         batches)
 
 
 def summarize(per_structure: dict[str, np.ndarray]) -> dict[str, float]:
@@ -205,6 +228,7 @@ def make_fire_eval(force_fn: ForceFn, fire_config: fire.FireConfig):
             "num_frames": end.state.num_frames,
             "converged": end.state.converged,
             "diverged": end.diverged,
+            "positions": end.state.positions,
         }
 
     return run
@@ -219,9 +243,10 @@ def fire_table(
     batch_size: int,
     buckets: Sequence[int] = batching.DEFAULT_BUCKETS,
 ) -> tuple[dict, dict]:
-    """(summary, per-structure arrays) of relaxing ``trajs`` with FIRE (ASE semantics) on the model's forces."""
+    """(summary, per-structure arrays) of relaxing ``trajs`` with FIRE (ASE semantics) on the model's forces;
+    a runaway end point counts as diverged, as in :func:`relaxation_table` (:func:`with_runaways`)."""
     run = make_fire_eval(force_fn, fire_config)
-    per = per_structure(lambda i, batch: run(model_params, batch),
+    per = per_structure(lambda i, batch: with_runaways(run(model_params, batch), batch.initial),
                         batching.relaxation_batches(trajs, batch_size, buckets=buckets))
     return summarize(per), per
 
@@ -237,7 +262,8 @@ def relaxation_table(
     batch_size: int,
     buckets: Sequence[int] = batching.DEFAULT_BUCKETS,
 ) -> tuple[dict, dict]:
-    """(summary, per-structure arrays) of relaxing ``trajs`` with the given model and step rule."""
+    """(summary, per-structure arrays) of relaxing ``trajs`` with the given model and step rule; ``diverged``
+    includes runaway end points (:func:`with_runaways`)."""
     per = evaluate_relaxations(
         force_fn, step_rule, params, batching.relaxation_batches(trajs, batch_size, buckets=buckets),
         modifiers, rollout_config,

@@ -8,10 +8,9 @@ the best parameters, after too many in a row), :class:`Validation` and :class:`B
 parameters by one validation metric, lower is better), :class:`EarlyStopping`, and
 :class:`Checkpointer` (every N updates and at epoch ends, only right after a good update).
 
-Exact resume: the batch order of an epoch is a pure function of the epoch (``epoch_batches``) and an
-extra per-update batch one of the update count (``force_batches``). A resumed run skips the batches
-already done and restores the epoch sums as the same Python floats: it is bit-identical to an
-uninterrupted run.
+Exact resume: an epoch's batch order is a pure function of the epoch (``epoch_batches``), an extra per-update
+batch one of the update count (``force_batches``); a resumed run skips the batches done, restores the epoch sums
+as the same floats and stops early where the uninterrupted run did: it is bit-identical to it.
 """
 
 from __future__ import annotations
@@ -176,11 +175,9 @@ class Validation:
 
 @dataclasses.dataclass
 class LoopProgress:
-    """Where a run stands besides its TrainState: what a checkpoint holds to resume exactly.
-
-    ``epoch``: epochs finished; ``batch_in_epoch``: batches of the next epoch done;
-    ``global_step``: updates done (skipped ones included); ``metrics``: sums of the epoch under way.
-    """
+    """Where a run stands besides its TrainState (what a checkpoint holds to resume exactly): ``epoch``: epochs
+    finished; ``batch_in_epoch``: batches of the next epoch done; ``global_step``: updates done (skipped ones
+    included); ``metrics``: sums of the epoch under way."""
 
     best: Best
     history: list[dict] = dataclasses.field(default_factory=list)
@@ -226,9 +223,8 @@ class Checkpointer:
 
     def restore(self, state: Any, best_params: Params, *, epochs: int,
                 report: ReportFn = print) -> tuple[Any, LoopProgress] | None:
-        """``(state, progress)`` from the newest good checkpoint (``state``, ``best_params``: host
-        examples of the structure), or None (reported) if there is none. Raises ValueError if it
-        was written with another ``identity``."""
+        """``(state, progress)`` from the newest good checkpoint (``state``, ``best_params``: host examples of the
+        structure), or None (reported) if there is none. Raises ValueError if written with another ``identity``."""
         from bptt_mlip.training import checkpoint
 
         restored = checkpoint.restore_training_checkpoint(self.directory, state, {"best": best_params}, report=report)
@@ -242,8 +238,9 @@ class Checkpointer:
                     f"checkpoint step {step} in {self.directory} was written with {k}={meta.get(k)}, this run has "
                     f"{k}={v}; resume with the same settings or start a new run")
         progress = LoopProgress.from_meta(meta, trees["best"])
-        report(f"resuming {self.name} from checkpoint step {step}: epoch {progress.epoch + 1} of {epochs}, "
-               f"{progress.batch_in_epoch} batches of it done")
+        where = (f"all {progress.epoch} epochs done" if progress.epoch >= epochs else
+                 f"epoch {progress.epoch + 1} of {epochs}, {progress.batch_in_epoch} batches of it done")
+        report(f"resuming {self.name} from checkpoint step {step}: {where}")
         return state, progress
 
 
@@ -291,6 +288,8 @@ class EpochLoop:
             progress.best.offer(summary[self.validation.metric], progress.best.params)
             progress.history.append({"epoch": 0, **{f"val_{k}": v for k, v in summary.items()}})
             self.log(self.names.epoch_log, 0, progress.history[-1])
+        if self._stopped_early(progress):
+            return state, progress
         for epoch in range(progress.epoch, self.epochs):
             t0 = time.perf_counter()
             state = self._train_epoch(state, epoch, progress)
@@ -299,6 +298,11 @@ class EpochLoop:
                     progress.history, progress.best.value, self.report):
                 break
         return state, progress
+
+    def _stopped_early(self, progress: LoopProgress) -> bool:
+        """Whether a run restored at an epoch end had stopped early there (the rule depends on the history only)."""
+        return (0 < progress.epoch < self.epochs and not progress.batch_in_epoch and self.early_stopping is not None
+                and self.early_stopping.should_stop(progress.history, progress.best.value, self.report))
 
     def _train_epoch(self, state: Any, epoch: int, progress: LoopProgress) -> Any:
         bar = progress_bar.Progress(self.batches_per_epoch, f"{self.names.bar} {epoch + 1}/{self.epochs}")

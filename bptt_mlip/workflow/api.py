@@ -6,7 +6,7 @@
     out.structures[0], out.num_frames, out.converged, out.max_force
 
 Structures of any size and kind may be mixed in one call. They are grouped by atom-count bucket
-(:func:`bptt_mlip.data.batching.bucket_atoms`) and relaxed in padded, jitted batches, so a
+(:mod:`bptt_mlip.workflow.buckets`) and relaxed in padded, jitted batches, so a
 bucket compiles once per batch shape (see :func:`relax_structures` for the row count). Results come back in
 the input order and as the input kinds (copies; the inputs are not modified).
 
@@ -21,13 +21,18 @@ Two relaxation methods:
 
 Any force model works: pass ``force_fn(params, structures) -> [B, N, 3]`` and its ``params``
 instead of a :class:`TrainedModel`.
+
+Never silently wrong: structures outside the model's training domain (``TrainedModel.domain``: elements,
+atom counts, cells it was trained on) raise an :class:`~bptt_mlip.data.domain.OutOfDomainWarning` before
+relaxing (``on_out_of_domain="warn"``, the default; ``"error"`` refuses them, ``"ignore"`` checks nothing),
+and a relaxation whose end point is unphysical (two atoms in contact, an atom moved more than 5 Å,
+non-finite positions: :func:`bptt_mlip.relax.runaway.end_point_runaways`) is reported ``diverged``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import warnings
 from typing import Any, Callable, Sequence
@@ -42,8 +47,11 @@ from bptt_mlip.models import registry
 from bptt_mlip.relax.scan import FrameModifiers, RolloutConfig, rollout
 from bptt_mlip.relax.step_rules import FixedStep, StepRule, step_rule_from_checkpoint
 
-from bptt_mlip.data.batching import DEFAULT_BUCKETS, bucket_atoms
+from bptt_mlip.data import domain as domain_lib
+from bptt_mlip.data.batching import DEFAULT_BUCKETS
+from bptt_mlip.relax import runaway
 from bptt_mlip.types import ForceFn, Params
+from bptt_mlip.workflow import buckets as buckets_lib
 from bptt_mlip.workflow import model_io
 from bptt_mlip.workflow.model_io import resolve_checkpoint_dir  # noqa: F401  (public here too)
 
@@ -66,7 +74,7 @@ class TrainedModel:
         be empty for a pretrained-only checkpoint; then the rule's initial step size is used).
       step_rule: the step rule the model was fine-tuned with (fixed, learnable, neural head).
       modifiers: the frame's momentum, annealing and displacement cap it was fine-tuned with.
-      meta: the checkpoint's JSON metadata (empty for an in-memory model).
+      meta: the checkpoint's JSON metadata (empty for an in-memory model); its ``"domain"`` is :attr:`domain`.
       source: the checkpoint directory it was loaded from, or ``None``.
     """
 
@@ -95,6 +103,11 @@ class TrainedModel:
     def force_fn(self) -> ForceFn:
         """``force_fn(model_params, structures) -> [B, N, 3]`` eV/Å (one object per model, so jit caches hit)."""
         return registry.make_force_fn(self.config, self.normalizer)
+
+    @functools.cached_property
+    def domain(self) -> domain_lib.Domain | None:
+        """The training domain saved with the model (None for a model saved without one)."""
+        return model_io.saved_domain(self.meta)
 
     @property
     def kind(self) -> str:
@@ -177,14 +190,19 @@ class RelaxOutput:
       structures: relaxed copies, same kinds as the inputs (ASE ``Atoms`` keep cell, pbc, info and
         constraints; pymatgen objects keep lattice, species and site properties).
       num_frames: [n] int frames applied (``"frame"``) or FIRE steps taken (``"fire"``).
-      converged: [n] bool: ``"frame"``: the RMS movement of a frame fell below ``stop_rms``;
+      converged: [n] bool: ``"frame"``: the RMS movement of a frame fell below ``stop_rms`` or the
+        largest force below ``stop_fmax``;
         ``"fire"``: the largest per-atom force fell below ``fmax``.
       diverged: [n] bool: a frame was non-finite or moved an atom farther than 5 Å (the structure
-        is returned at its last good frame), or FIRE produced non-finite positions.
+        is returned at its last good frame), or the end point is a runaway (two atoms in contact, an
+        atom moved farther than ``max_total_displacement``, non-finite: ``relax.runaway``; for FIRE
+        too), so an unphysical end point never counts as a relaxed structure (nor as ``converged``).
       max_force: [n] largest per-atom force norm (eV/Å) of the model at the returned positions.
       trajectories: with ``return_trajectory``, per structure a [frames + 1, n_atoms, 3] array
         (start, then the positions after each frame / FIRE step); else None.
       method: ``"frame"`` or ``"fire"``.
+      domain_problems: per structure, how it lies outside the model's training domain (empty lists
+        when inside, when the model has no domain, or with ``on_out_of_domain="ignore"``).
     """
 
     structures: list
@@ -194,6 +212,7 @@ class RelaxOutput:
     max_force: np.ndarray
     trajectories: list | None
     method: str
+    domain_problems: list = dataclasses.field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.structures)
@@ -236,13 +255,6 @@ def _structure_list(structures) -> list:
     return objs
 
 
-def _rows(count_in_bucket: int, batch_size: int) -> int:
-    """Rows of a bucket's batches: ``batch_size``, or the next power of two for a small bucket."""
-    if count_in_bucket >= batch_size:
-        return batch_size
-    return min(batch_size, 1 << max(0, math.ceil(math.log2(max(count_in_bucket, 1)))))
-
-
 def relax_structures(
     structures,
     model: TrainedModel | Callable,
@@ -250,13 +262,17 @@ def relax_structures(
     params: Params | None = None,
     method: str = "frame",
     step_size: float | None = None,
-    max_frames: int = 75,
-    stop_rms: float = 1e-3,
+    max_frames: int | None = None,
+    stop_rms: float | None = None,
+    stop_fmax: float | None = None,
     fire_config: fire.FireConfig | None = None,
     batch_size: int = 16,
     buckets: Sequence[int] = DEFAULT_BUCKETS,
     return_trajectory: bool = False,
     divergence_displacement: float = 5.0,
+    max_total_displacement: float = runaway.MAX_TOTAL_DISPLACEMENT,
+    on_out_of_domain: str = "warn",
+    domain: domain_lib.Domain | None = None,
 ) -> RelaxOutput:
     """Relax one or many ASE ``Atoms`` / pymatgen ``Structure`` objects with a trained model.
 
@@ -271,6 +287,9 @@ def relax_structures(
         (default: the learned / fixed step of the checkpoint; its momentum, annealing and
         displacement cap are kept).
       max_frames, stop_rms: ``"frame"`` only: most frames, and the RMS-movement stop (Å).
+      stop_fmax: ``"frame"`` only: also stop a structure once its largest per-atom force is below
+        this (eV/Å, checked before each frame as ASE's ``fmax``; 0 = off). None (these three): the
+        value the model's training run saved, else 75, 1e-3 Å, 0 (``model_io.frame_stop_rule``).
       fire_config: ``"fire"`` only: :class:`bptt_mlip.relax.fire.FireConfig` (default ASE's: fmax 0.05
         eV/Å, at most 200 steps).
       batch_size: most structures per compiled call. A bucket with fewer structures than this is
@@ -280,17 +299,27 @@ def relax_structures(
       return_trajectory: also return every frame of every structure.
       divergence_displacement: ``"frame"`` only: a frame moving an atom farther than this (Å)
         marks the structure diverged.
+      max_total_displacement: an atom ending farther than this (Å) from its start marks the structure
+        diverged, as do two atoms closer than half their covalent radii sum (both methods).
+      on_out_of_domain: structures outside the model's training domain (``domain``, default the
+        model's :attr:`TrainedModel.domain`): ``"warn"`` (an ``OutOfDomainWarning`` listing them; the
+        default: relaxing them may still be what you want), ``"error"`` (``OutOfDomainError``, nothing
+        relaxed) or ``"ignore"``. Models saved without a domain are not checked.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     objs = _structure_list(structures)
     force_fn, full_params, trained = resolve_model(model, params)
+    domain = domain if domain is not None else (trained.domain if trained is not None else None)
+    problems = domain_lib.screen(domain, objs, on_out_of_domain)
 
     if method == "frame":
         step_rule, modifiers, step_params = _inference_rule(trained, step_size)
         run_params = {"model": full_params["model"], "step_rule": step_params}
+        max_frames, stop_rms, stop_fmax = model_io.frame_stop_rule(trained.meta if trained else {}, max_frames,
+                                                                    stop_rms, stop_fmax)
         rollout_cfg = RolloutConfig(
-            max_frames=int(max_frames), remat="none",
+            max_frames=int(max_frames), stop_fmax=float(stop_fmax), remat="none",
             divergence_displacement=float(divergence_displacement), return_trajectory=bool(return_trajectory),
         )
         runner = _frame_runner(force_fn, step_rule, modifiers, rollout_cfg)
@@ -310,44 +339,10 @@ def relax_structures(
             state = end.state
             return state.positions, state.num_frames, state.converged, end.diverged, end.max_force, end.trajectory
 
-    return _relax_in_buckets(objs, run_batch, method, batch_size, buckets, bool(return_trajectory))
+    out = buckets_lib.relax_in_buckets(objs, run_batch, batch_size, buckets, bool(return_trajectory),
+                                       float(max_total_displacement))
+    return RelaxOutput(**out, method=method, domain_problems=problems)
 
 
 # ``bptt_mlip.workflow.api.relax`` as the quickstart shows it
 relax = relax_structures
-
-
-def _relax_in_buckets(objs: list, run_batch: Callable, method: str, batch_size: int, buckets: Sequence[int],
-                      return_trajectory: bool) -> RelaxOutput:
-    """Group ``objs`` by atom bucket, run ``run_batch(structures) -> (positions, num_frames, converged,
-    diverged, max_force, trajectory)`` on padded batches, and gather the rows in input order."""
-    n = len(objs)
-    sizes = [len(o) for o in objs]
-    num_frames = np.zeros(n, np.int64)
-    converged = np.zeros(n, bool)
-    diverged = np.zeros(n, bool)
-    max_force = np.zeros(n, np.float64)
-    positions: list[np.ndarray | None] = [None] * n
-    trajectories: list | None = [None] * n if return_trajectory else None
-
-    groups: dict[int, list[int]] = {}
-    for i, size in enumerate(sizes):
-        groups.setdefault(bucket_atoms(size, buckets), []).append(i)
-    for bucket in sorted(groups):
-        idx_all = groups[bucket]
-        rows = _rows(len(idx_all), batch_size)
-        for start in range(0, len(idx_all), batch_size):
-            idx = idx_all[start : start + batch_size]
-            batch = structures_lib.from_atoms([objs[i] for i in idx], max_atoms=bucket, batch_size=rows)
-            pos, frames, conv, div, fmax, traj = run_batch(batch)
-            pos, frames, conv, div, fmax = (np.asarray(x) for x in (pos, frames, conv, div, fmax))
-            traj = None if traj is None else np.asarray(traj)
-            for row, i in enumerate(idx):
-                k = sizes[i]
-                positions[i] = pos[row, :k].astype(np.float64)
-                num_frames[i], converged[i], diverged[i], max_force[i] = frames[row], conv[row], div[row], fmax[row]
-                if trajectories is not None:
-                    trajectories[i] = traj[: int(frames[row]) + 1, row, :k].astype(np.float64)
-
-    relaxed = [structures_lib.copy_with_positions(o, p) for o, p in zip(objs, positions)]
-    return RelaxOutput(relaxed, num_frames, converged, diverged, max_force, trajectories, method)

@@ -40,6 +40,7 @@ from ase.optimize.optimize import OptimizableAtoms
 
 from bptt_mlip import structures as structures_lib
 from bptt_mlip.workflow import api
+from bptt_mlip.data import domain as domain_lib
 from bptt_mlip.data.batching import DEFAULT_BUCKETS, bucket_atoms
 from bptt_mlip.data.oracles import Oracle
 
@@ -59,6 +60,11 @@ class BPTTCalculator(Calculator):
       params: the force function's parameters (only with a plain ``force_fn``).
       buckets: atom-count padding sizes; a structure is padded to the smallest bucket that fits,
         so calls on structures of the same bucket reuse one compiled function.
+      on_out_of_domain: a structure outside the model's training domain (``domain``, default the
+        model's ``TrainedModel.domain``; none for a plain ``force_fn``) gives one
+        :class:`~bptt_mlip.data.domain.OutOfDomainWarning` (``"warn"``, default), an
+        ``OutOfDomainError`` (``"error"``) or nothing (``"ignore"``). It is checked once per new
+        structure (new elements, atom count, cell or periodicity), not at every optimiser step.
 
     The force function is jitted once per model (shared with :func:`bptt_mlip.relax_structures`); it
     runs in float32, and ASE's float64 positions are rounded to float32 on the way in (so a central
@@ -67,9 +73,15 @@ class BPTTCalculator(Calculator):
 
     implemented_properties = ["forces"]  # per instance: energy models add "energy" and "free_energy"
 
-    def __init__(self, model, *, params=None, buckets: Sequence[int] = DEFAULT_BUCKETS, **kwargs):
+    def __init__(self, model, *, params=None, buckets: Sequence[int] = DEFAULT_BUCKETS, on_out_of_domain: str = "warn",
+                 domain: domain_lib.Domain | None = None, **kwargs):
         super().__init__(**kwargs)
+        if on_out_of_domain not in domain_lib.ON_OUT_OF_DOMAIN:
+            raise ValueError(f"on_out_of_domain must be one of {domain_lib.ON_OUT_OF_DOMAIN}, got {on_out_of_domain!r}")
         self._force_fn, full_params, trained = api.resolve_model(model, params, caller="BPTTCalculator")
+        self.domain = domain if domain is not None else (trained.domain if trained is not None else None)
+        self.on_out_of_domain = on_out_of_domain
+        self._screened: set = set()
         self._params = full_params["model"]
         self.model = model
         self.buckets = tuple(buckets)
@@ -85,6 +97,7 @@ class BPTTCalculator(Calculator):
 
     def calculate(self, atoms=None, properties=("forces",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
+        self._screen(self.atoms)
         n = len(self.atoms)
         batch = structures_lib.from_atoms([self.atoms], max_atoms=bucket_atoms(n, self.buckets), batch_size=1)
         if not self.has_energy:
@@ -95,6 +108,16 @@ class BPTTCalculator(Calculator):
         energy = float(np.asarray(energies)[0])
         self.results = {"energy": energy, "free_energy": energy,
                         "forces": np.asarray(forces)[0, :n].astype(np.float64)}
+
+
+    def _screen(self, atoms) -> None:
+        """Check a structure not met before (elements, atom count, cell, periodicity) against the domain."""
+        if self.domain is None or self.on_out_of_domain == "ignore":
+            return
+        key = (atoms.numbers.tobytes(), np.round(atoms.cell.array, 6).tobytes(), tuple(bool(p) for p in atoms.pbc))
+        if key not in self._screened:
+            domain_lib.screen(self.domain, [atoms], self.on_out_of_domain, what="BPTTCalculator's model")
+            self._screened.add(key)  # after the check: a refused structure is refused again
 
 
 class _ForcesOnlyOptimizable(OptimizableAtoms):

@@ -8,8 +8,24 @@
 ``ase.io.read`` (extxyz, CIF, POSCAR/CONTCAR, anything ASE reads; every frame of a multi-frame
 file); the output is one extxyz file with every relaxed structure, each frame's ``info`` holding
 ``num_frames``, ``converged``, ``diverged``, ``max_force``, ``method``, ``source`` and ``source_index``.
-Exit status: 0 on success, 1 if a structure diverged, 2 for usage errors (missing checkpoint,
-unreadable input).
+Structures outside the checkpoint's training domain (elements, atom counts, cells it was trained
+on: :class:`bptt_mlip.data.domain.Domain`) are named in a warning line on stderr and relaxed
+(``--out-of-domain=warn``, the default), refused (``error``: exit status 2, nothing written) or not
+checked (``ignore``); the output's ``info`` then also holds ``in_domain``. Checkpoints saved
+without a domain are not checked.
+
+Exit status (scripts can tell the outcomes apart):
+
+* 0: every structure relaxed without diverging (with ``--fail-on-unconverged``: and converged);
+* 1: at least one structure diverged: a non-finite or too large frame, or a runaway end point
+  (two atoms closer than half their covalent radii sum, an atom moved more than 5 Å, see
+  :mod:`bptt_mlip.relax.runaway`);
+* 2: usage errors (missing checkpoint, unreadable input, bad flags, structures refused with
+  ``--out-of-domain=error``);
+* 3: with ``--fail-on-unconverged``, none diverged but at least one did not converge within
+  ``--max-frames``.
+
+The output file is written for statuses 0, 1 and 3.
 """
 
 from __future__ import annotations
@@ -21,6 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
+
+EXIT_OK, EXIT_DIVERGED, EXIT_USAGE, EXIT_UNCONVERGED = 0, 1, 2, 3
+"""The exit statuses of the module docstring."""
 
 MODEL_TITLES = {"adapt": "ADAPT", "equivariant": "equivariant energy model"}
 """How ``info`` names each model kind of :mod:`bptt_mlip.models.registry`."""
@@ -46,15 +65,25 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", "-o", default="relaxed.extxyz", metavar="OUT.extxyz",
                    help="output file (default: %(default)s)")
     r.add_argument("--max-frames", type=int, default=None,
-                   help="most frames (frame method, default 75) or FIRE steps (fire method, default 200)")
-    r.add_argument("--fmax", type=float, default=0.05,
-                   help="FIRE convergence: largest per-atom force, eV/Å (default: %(default)s)")
-    r.add_argument("--stop-rms", type=float, default=1e-3,
-                   help="frame method: stop when a frame's RMS movement is below this, Å (default: %(default)s)")
+                   help="most frames (frame method, default: the checkpoint's training setting, else 75) or FIRE "
+                        "steps (fire method, default 200)")
+    r.add_argument("--fmax", type=float, default=None,
+                   help="FIRE convergence: largest per-atom force, eV/Å (default: the FIRE fmax of the checkpoint's "
+                        "training run, else 0.05)")
+    r.add_argument("--stop-rms", type=float, default=None,
+                   help="frame method: stop when a frame's RMS movement is below this, Å (default: the checkpoint's "
+                        "training stop rule, with its force stop, else 1e-3)")
     r.add_argument("--step-size", type=float, default=None,
                    help="frame method: fixed step eta (Å²/eV) instead of the checkpoint's step rule")
     r.add_argument("--batch-size", type=int, default=16, help="structures per compiled call (default: %(default)s)")
     r.add_argument("--format", default=None, help="ase.io format of the inputs (default: guessed from each file name)")
+    r.add_argument("--out-of-domain", "--out_of_domain", dest="out_of_domain", choices=("warn", "error", "ignore"),
+                   default="warn", help="structures outside the checkpoint's training domain (unseen elements, atom "
+                                        "counts or cells): warn and relax, refuse (exit 2) or do not check "
+                                        "(default: %(default)s)")
+    r.add_argument("--fail-on-unconverged", "--fail_on_unconverged", dest="fail_on_unconverged",
+                   action="store_true", help=f"exit with status {EXIT_UNCONVERGED} when a structure did not converge "
+                                             f"(a diverged one always gives {EXIT_DIVERGED})")
 
     i = sub.add_parser("info", help="print what a checkpoint holds")
     i.add_argument("checkpoint", metavar="DIR", help="checkpoint directory or run directory")
@@ -107,7 +136,7 @@ def _writable_info(info: dict) -> dict:
 def cmd_relax(args) -> int:
     import ase.io
 
-    from bptt_mlip.workflow import api
+    from bptt_mlip.workflow import api, model_io
     from bptt_mlip.relax import fire
 
     if args.max_frames is not None and args.max_frames < 1:
@@ -121,10 +150,14 @@ def cmd_relax(args) -> int:
     model = _load_model(args.checkpoint)
     kwargs = dict(method=args.method, batch_size=args.batch_size)
     if args.method == "frame":
-        kwargs.update(max_frames=args.max_frames or 75, stop_rms=args.stop_rms, step_size=args.step_size)
+        kwargs.update(max_frames=args.max_frames, stop_rms=args.stop_rms, step_size=args.step_size)
     else:
-        kwargs.update(fire_config=fire.FireConfig(fmax=args.fmax, max_steps=args.max_frames or 200))
+        saved = model_io.saved_relax_settings(model.meta)  # the training run's settings
+        fmax = args.fmax if args.fmax is not None else saved.get("fire_fmax", 0.05)
+        kwargs.update(fire_config=fire.FireConfig(fmax=fmax, max_steps=args.max_frames or 200))
     atoms_list = [a for _, _, a in items]
+    problems = _screen_domain(model, items, args.out_of_domain)
+    kwargs.update(on_out_of_domain="ignore")  # checked and reported above, once
     try:
         res = api.relax(atoms_list, model, **kwargs)
     except ValueError as err:  # e.g. more atoms than the largest bucket, unknown element
@@ -144,10 +177,40 @@ def cmd_relax(args) -> int:
         flag = "yes" if conv else ("DIVERGED" if div else "no")
         print(f"{str(path)[-32:]:<32} {k:>3} {atoms.get_chemical_formula():<14} {len(atoms):>5} {int(nf):>6} "
               f"{flag:>9} {float(fmax):>13.4g}")
+    if model.domain is not None and args.out_of_domain != "ignore":
+        for atoms, structure_problems in zip(written, problems):
+            atoms.info["in_domain"] = not structure_problems
     ase.io.write(out_path, written, format="extxyz")
     n_conv = int(np.sum(res.converged))
     print(f"{n_conv}/{len(written)} converged ({args.method}); wrote {out_path}")
-    return 1 if np.any(res.diverged) else 0
+    return exit_status(res.converged, res.diverged, args.fail_on_unconverged)
+
+
+def exit_status(converged, diverged, fail_on_unconverged: bool = False) -> int:
+    """The command's exit status from per-structure ``converged`` / ``diverged`` [n] flags (module docstring)."""
+    if np.any(diverged):
+        return EXIT_DIVERGED
+    if fail_on_unconverged and not np.all(converged):
+        return EXIT_UNCONVERGED
+    return EXIT_OK
+
+
+def _screen_domain(model, items: list[tuple[str, int, object]], mode: str) -> list[list[str]]:
+    """Per input structure, its problems against the checkpoint's training domain; one warning line
+    on stderr per structure outside it (``mode="warn"``), or a :class:`CliError` listing them (``"error"``)."""
+    if model.domain is None or mode == "ignore":
+        return [[] for _ in items]
+    problems = model.domain.check_each([atoms for _, _, atoms in items])
+    lines = [f"{path}[{k}] ({atoms.get_chemical_formula()}): {'; '.join(ps)}"
+             for (path, k, atoms), ps in zip(items, problems) if ps]
+    if lines and mode == "error":
+        raise CliError(f"{len(lines)} structure(s) outside the checkpoint's training domain "
+                       f"({model.domain.describe()}):\n  " + "\n  ".join(lines)
+                       + "\n(--out-of-domain=warn relaxes them anyway)")
+    for line in lines:
+        print(f"bptt-mlip: warning: outside the training domain ({model.domain.describe()}): {line}",
+              file=sys.stderr)
+    return problems
 
 
 def cmd_info(args) -> int:

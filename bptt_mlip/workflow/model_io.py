@@ -5,9 +5,11 @@ rebuilt in a new process without knowing how it was trained.
                         step_rule_meta, {"role": "bptt_best_validation"})
     config, normalizer, params, meta = model_io.load_model("runs/x")   # run or checkpoint directory
 
-A model checkpoint is one step folder (``0/``) written by ``checkpoint.save_checkpoint`` whose
+A model checkpoint is one step folder (``0/``; a save replacing an earlier, different model writes
+the next step and then deletes the older one, see ``checkpoint.save_model_checkpoint``) whose
 JSON meta holds ``model_kind`` (a kind of :mod:`bptt_mlip.models.registry`; checkpoints without it
-hold ADAPT), ``model_config`` (the architecture) and ``step_config`` (the step rule). Its
+hold ADAPT), ``model_config`` (the architecture), ``step_config`` (the step rule) and, when saved
+with one, ``domain`` (the training domain, :class:`bptt_mlip.data.domain.Domain`). Its
 ``normalizer`` item holds the model's statistics (ADAPT's ``Normalizer``, the equivariant model's
 ``EnergyScale``) by field name.
 """
@@ -22,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from bptt_mlip.data.domain import META_KEY as DOMAIN_META_KEY, Domain, as_domain
 from bptt_mlip.models import adapt, registry
 from bptt_mlip.training import checkpoint
 from bptt_mlip.types import Params
@@ -30,15 +33,45 @@ from bptt_mlip.workflow.report import jsonable
 MODEL_CONFIG_KEY = registry.MODEL_CONFIG_KEY
 MODEL_KIND_KEY = registry.MODEL_KIND_KEY
 STEP_RULE_KEY = "step_config"
+DOMAIN_KEY = DOMAIN_META_KEY  # the training domain (``Domain.to_dict``)
+# the settings the model is meant to relax with (stop rule, frame limit, the step-size grid's result)
+RELAX_SETTINGS_KEY = "relax_settings"
 
 # Where a run directory of ``experiments.finetune`` keeps its models, best first.
 RUN_MODEL_DIRS = ("checkpoints/bptt_best", "checkpoints/pretrained", "bptt_best", "pretrained")
+
+
+def saved_domain(meta: dict[str, Any]) -> Domain | None:
+    """The training domain saved in a checkpoint's meta, or None (a checkpoint saved without one)."""
+    return as_domain(meta.get(DOMAIN_KEY) or None)
 
 
 def saved_step_rule(meta: dict[str, Any]) -> dict[str, Any]:
     """The step-rule metadata saved in a checkpoint's meta (``{}`` when none was saved); turn it
     into a rule with the step-rule module's ``from_dict`` function."""
     return dict(meta.get(STEP_RULE_KEY) or {})
+
+
+def saved_relax_settings(meta: dict[str, Any]) -> dict[str, Any]:
+    """The relaxation settings saved in a checkpoint's meta (``{}`` when none were saved): any of
+    ``stop_rms`` (Å), ``stop_fmax`` (eV/Å, 0 = off), ``max_frames``, ``fire_fmax`` (eV/Å),
+    ``grid_steps`` (Å²/eV) and ``best_grid_step`` (Å²/eV, the grid step that relaxed the training data best)."""
+    return dict(meta.get(RELAX_SETTINGS_KEY) or {})
+
+
+FRAME_RELAX_DEFAULTS = {"max_frames": 75, "stop_rms": 1e-3, "stop_fmax": 0.0}
+"""What a frame relaxation uses when neither the caller nor the checkpoint says (frames, Å, eV/Å; 0 = off)."""
+
+
+def frame_stop_rule(meta: dict[str, Any], max_frames: int | None = None, stop_rms: float | None = None,
+                    stop_fmax: float | None = None) -> tuple[int, float, float]:
+    """``(max_frames, stop_rms Å, stop_fmax eV/Å)`` of a frame relaxation with a model of checkpoint meta
+    ``meta``: each value given, else the one its training run saved (:func:`saved_relax_settings`), else
+    :data:`FRAME_RELAX_DEFAULTS`."""
+    saved = {**FRAME_RELAX_DEFAULTS, **{k: v for k, v in saved_relax_settings(meta).items() if v is not None}}
+    given = {"max_frames": max_frames, "stop_rms": stop_rms, "stop_fmax": stop_fmax}
+    value = {k: saved[k] if v is None else v for k, v in given.items()}
+    return int(value["max_frames"]), float(value["stop_rms"]), float(value["stop_fmax"])
 
 
 def save_model(
@@ -48,15 +81,20 @@ def save_model(
     model_config: Any,
     step_rule_meta: dict[str, Any],
     extra_meta: dict[str, Any] | None = None,
+    *,
+    domain: "Domain | dict | None" = None,
 ) -> Path:
-    """Save an evaluation-ready model as step 0 of an orbax checkpoint in ``directory``.
+    """Save an evaluation-ready model as an orbax checkpoint in ``directory`` (step 0; an identical
+    earlier save is kept, a different one replaced safely, see ``checkpoint.save_model_checkpoint``).
 
     ``params`` is ``{"model": model parameters, <step group>: step-rule parameters}`` (the step group may be
     ``{}``). ``normalizer`` is the model's statistics and ``model_config`` the config of any registered kind
     (:mod:`bptt_mlip.models.registry`; the kind is recorded). ``step_rule_meta`` is the step rule as the step-rule
     module's ``to_dict`` function writes it (read back with :func:`saved_step_rule`). The meta holds the model kind
     and config, the step rule and ``extra_meta`` (made JSON-friendly: numpy numbers become Python numbers,
-    non-finite floats strings). Returns the step folder written.
+    non-finite floats strings). ``domain`` (:class:`bptt_mlip.data.domain.Domain` of the training set, or its
+    dict) is stored under meta key ``"domain"`` and read back as ``TrainedModel.domain`` / :func:`saved_domain`.
+    Returns the step folder written.
     """
     import jax
     import jax.numpy as jnp
@@ -72,7 +110,9 @@ def save_model(
         STEP_RULE_KEY: jsonable(dict(step_rule_meta)),
         **jsonable(extra_meta or {}),
     }
-    return checkpoint.save_checkpoint(directory, 0, state, normalizer, meta)
+    if domain is not None:
+        meta[DOMAIN_KEY] = jsonable(as_domain(domain).to_dict())
+    return checkpoint.save_model_checkpoint(directory, state, normalizer, meta)
 
 
 def load_model(
