@@ -60,6 +60,13 @@ def enable(path: str | os.PathLike | None = None, *, min_compile_seconds: float 
     return folder
 
 
+def enable_unless_configured() -> Path | None:
+    """:func:`enable` with the default location, unless this process already set a cache folder (then
+    that one stays). The relax API calls this, so library users get the cache without asking and
+    keep control of it (``BPTT_MLIP_CACHE_DIR=off``, or their own ``jax_compilation_cache_dir``)."""
+    return active_dir() or enable()
+
+
 def active_dir() -> Path | None:
     """The folder JAX's persistent cache writes to in this process, or None when it is off."""
     value = jax.config.jax_compilation_cache_dir

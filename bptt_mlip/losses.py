@@ -34,6 +34,13 @@ def delta_q(predicted: jnp.ndarray, target: jnp.ndarray, masses: jnp.ndarray, ma
     return safe_sqrt(jnp.sum(masses * jnp.sum(diff * diff, axis=-1) * mask, axis=-1))
 
 
+def largest_atom_distance(predicted: jnp.ndarray, target: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+    """[B] largest distance (Å) between an atom's predicted and reference position over the real atoms
+    (0 for a structure without atoms): the basin metric's measure of how far a relaxation ended."""
+    distance = safe_norm(predicted - target)
+    return jnp.max(jnp.where(mask, distance, 0.0), axis=-1, initial=0.0)
+
+
 def position_mse(predicted: jnp.ndarray, target: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
     """[B] mean over real atoms and components of the squared position error (Å^2)."""
     diff = jnp.where(mask[..., None], predicted - target, 0.0)

@@ -344,10 +344,14 @@ def command_line() -> str:
 def run_main(main) -> None:
     """``absl.app.run(main)``, except that a usage error (``app.UsageError``: bad flag values, a run
     directory that cannot be used) is printed alone, with a one-line pointer to the flag help, and
-    exits with status 2, instead of after the script's whole flag help."""
+    exits with status 2, instead of after the script's whole flag help. JAX's persistent compilation
+    cache is on (:mod:`bptt_mlip.compile_cache`), so a second run skips most compile time."""
     from absl import app
 
     def checked_main(argv):
+        from bptt_mlip import compile_cache
+
+        compile_cache.enable()  # reuse compiles across runs ($BPTT_MLIP_CACHE_DIR; "off" disables)
         try:
             return main(argv)
         except app.UsageError as err:

@@ -90,6 +90,26 @@ def bptt_settings(v: Flags) -> dict[str, Any]:
     }
 
 
+GRADIENT_FLAGS = ("gradient", "unroll_frames", "implicit_null_modes", "guidance_weight", "max_frames")
+TRANSLATION_INVARIANT_MODELS = ("periodic_adapt", "equivariant")
+
+
+def gradient_config(v: Flags, bptt_config):
+    """How BPTT fine-tuning differentiates (``--gradient``, ``--unroll_frames``, ...) around ``bptt_config``:
+    an :class:`bptt_mlip.training.implicit_steps.GradientConfig`, or None for plain BPTT."""
+    from bptt_mlip.relax import implicit
+    from bptt_mlip.training import implicit_steps
+
+    if v.get("gradient", "bptt") == "bptt":
+        return None
+    modes = v["implicit_null_modes"]
+    if modes == "auto":
+        modes = "translations" if v.get("model") in TRANSLATION_INVARIANT_MODELS else "none"
+    return implicit_steps.GradientConfig(bptt=bptt_config, gradient=v["gradient"], unroll_frames=v["unroll_frames"],
+                                         adjoint=implicit.AdjointConfig(null_modes=modes),
+                                         guidance_weight=v["guidance_weight"])
+
+
 def bptt_optim_config(v: Flags) -> optim.OptimConfig:
     """Optimiser of BPTT fine-tuning: the model at ``--bptt_lr``, the step rule at ``--step_lr``."""
     return optim.OptimConfig(
@@ -185,7 +205,8 @@ def _bptt_config(v: Flags):
 def _checked_configs(v: Flags) -> list[tuple[tuple[str, ...], Callable[[], Any]]]:
     checks = [(ROLLOUT_FLAGS, lambda: rollout_config(v)),
               (STEP_RULE_FLAGS, lambda: step_rule(v, base_step=1.0)),
-              (BPTT_FLAGS, lambda: _bptt_config(v))]
+              (BPTT_FLAGS, lambda: _bptt_config(v)),
+              (GRADIENT_FLAGS, lambda: gradient_config(v, _bptt_config(v)))]
     if not v.get("pretrained"):  # a loaded model brings its own architecture
         checks.insert(0, (MODEL_FLAGS, lambda: model_config(v)))
     return checks

@@ -92,7 +92,7 @@ def finetune_bptt(workdir: Path, cfg, normalizer, force_fn, model_params, best_s
             max_consecutive_bad_steps=FLAGS.max_consecutive_bad_steps, checkpoint_dir=ckpt_dir / "train_state",
             checkpoint_every=FLAGS.checkpoint_every, resume=FLAGS.resume, report=common.info,
             start_stride=FLAGS.start_stride, force_batch_size=FLAGS.force_batch_size, patience=FLAGS.patience,
-            mesh=mesh,
+            mesh=mesh, gradient_config=configs.gradient_config(v, bptt_cfg),
         )
     except loop.TrainingStopped as err:
         common.save_model(workdir / "checkpoints" / "bptt_best", err.best_params, normalizer, cfg, step_rule,

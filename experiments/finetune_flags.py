@@ -38,6 +38,16 @@ flags.DEFINE_float("max_displacement", 0.0, "Cap on an atom's displacement per f
 flags.DEFINE_bool("random_stopping", False, "Randomly vary the stopping rule per batch (paper table 5).")
 
 flags.DEFINE_integer("bptt_epochs", 5, "BPTT fine-tuning epochs.")
+flags.DEFINE_enum("gradient", "bptt", ["bptt", "implicit", "guided"],
+                  "How the end-point loss is differentiated: through every frame (bptt), implicitly at the converged "
+                  "end point (implicit), or BPTT through the first --unroll_frames frames plus the implicit "
+                  "gradient of the rest (guided); see bptt_mlip.training.implicit_steps.")
+flags.DEFINE_integer("unroll_frames", 0, "--gradient=guided: frames differentiated by BPTT before the implicit tail "
+                     "(0 = pure implicit, --max_frames = plain BPTT).")
+flags.DEFINE_enum("implicit_null_modes", "auto", ["auto", "none", "translations", "rigid"],
+                  "Modes projected out of the implicit solve: auto = translations for translation-invariant models "
+                  "(periodic_adapt, equivariant), none for ADAPT (its raw-coordinate input is not invariant).")
+flags.DEFINE_float("guidance_weight", 1.0, "--gradient=guided: weight of the window's end-point loss.")
 flags.DEFINE_float("bptt_lr", 1e-4, "Adam learning rate of the model during BPTT.")
 flags.DEFINE_float("step_lr", 1e-3, "Adam learning rate of the step-size parameters.")
 flags.DEFINE_float("clip_norm", 1.0, "Global-norm gradient clip (0 = off).")

@@ -14,8 +14,9 @@ from bptt_mlip.workflow import plots
 from bptt_mlip.workflow.report import markdown_table, write_json
 from experiments import configs
 
-RELAXATION_COLUMNS = ["setting", "mean_dq", "median_dq", "mean_frames", "num_converged", "num_diverged",
-                      "num_structures"]
+RELAXATION_COLUMNS = ["setting", "mean_dq", "median_dq", "basin_0.05", "basin_0.1", "basin_0.2", "mean_frames",
+                      "num_converged", "num_diverged", "num_structures"]
+"""basin_d: fraction of test relaxations ending with every atom within d Å of the reference."""
 FORCE_COLUMNS = ["model", "force_rmse", "force_mae", "force_l2_per_frame", "zero_force_rmse"]
 
 
@@ -196,6 +197,8 @@ def results_markdown(o: FinetuneOutcome, command: str) -> list[str]:
              f"{configs.model_name(o.model_config)} {o.model_config}, {o.num_params} parameters."), "",
             "## What happened", "", *what_happened(o), "", *settings_lines(o.settings),
             "## Test relaxations (Dq in amu^0.5 Å)", "", markdown_table(o.relaxation, RELAXATION_COLUMNS), "",
+            "basin_d: fraction of test relaxations that ended with every atom within d Å of its reference "
+            "relaxed position (diverged ones never count).", "",
             f"BPTT / best-grid Dq ratio: **{o.dq_ratio:.3f}**", "", *long,
             "## Test force errors (eV/Å)", "", markdown_table(forces, FORCE_COLUMNS), "",
             "## Grid search (pretrained model)", "", markdown_table(rows, list(rows[0].keys())), "",

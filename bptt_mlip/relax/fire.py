@@ -149,16 +149,24 @@ def fire_init(force_fn: PositionForceFn, positions: jnp.ndarray, mask: jnp.ndarr
         dt=jnp.full((b,), config.dt, dtype),
         a=jnp.full((b,), config.a_start, dtype),
         n_pos=jnp.zeros((b,), jnp.int32),
-        converged=max_force(forces, mask) < config.fmax,
+        converged=max_force(jax.lax.stop_gradient(forces), mask) < config.fmax,
         num_frames=jnp.zeros((b,), jnp.int32),
     )
 
 
-def fire_step(force_fn: PositionForceFn, state: FireState, mask: jnp.ndarray, config: FireConfig) -> FireState:
+def fire_step(force_fn: PositionForceFn, state: FireState, mask: jnp.ndarray, config: FireConfig,
+              active: jnp.ndarray | None = None) -> FireState:
     """One ASE FIRE step for every structure that is neither converged nor out of steps.
 
     The other structures are returned unchanged (bit for bit). ``force_fn`` is called once,
     on the whole batch, at the new positions, and convergence is re-checked there.
+    ``active``: [B] bool, the structures that take the step; None = those neither converged nor
+    out of steps (a caller passes a subset to freeze more rows, e.g. diverged ones).
+
+    Differentiable in positions, velocities and forces (hence in a force model's parameters)
+    within one branch: every decision (the first step, the sign of P = F.v, dt growth after
+    ``n_min`` downhill steps, the maxstep clip, the fmax stop) is taken on stop-gradient values,
+    and dt, a and n_pos are piecewise constant, so they carry no derivative.
     """
     mask = mask.astype(bool)
     m3 = mask[..., None]
@@ -169,7 +177,7 @@ def fire_step(force_fn: PositionForceFn, state: FireState, mask: jnp.ndarray, co
 
     # ASE starts with vel=None: the first step only sets v = 0 (no dt/a/n_pos update).
     first = state.num_frames == 0
-    vf = _vdot(f, v)
+    vf = jax.lax.stop_gradient(_vdot(f, v))
     grad2 = _vdot(f, f)
     downhill = (vf > 0.0) & ~first
     uphill = ~(vf > 0.0) & ~first
@@ -195,18 +203,18 @@ def fire_step(force_fn: PositionForceFn, state: FireState, mask: jnp.ndarray, co
     v_new = v_new + dt3 * f
     dr = dt3 * v_new
     normdr = safe_sqrt(_vdot(dr, dr))
-    clip = normdr > config.maxstep
+    clip = jax.lax.stop_gradient(normdr) > config.maxstep
     safe_normdr = jnp.where(clip, normdr, 1.0)[:, None, None]
     dr = jnp.where(clip[:, None, None], config.maxstep * dr / safe_normdr, dr)
     v_new = jnp.where(m3, v_new, 0.0)
     dr = jnp.where(m3, dr, 0.0)
 
-    active = _active(state, config)
+    active = _active(state, config) if active is None else active
     act3 = active[:, None, None]
     positions = jnp.where(act3, state.positions + dr, state.positions)
     forces = _masked_forces(force_fn, positions, mask)
     forces = jnp.where(act3, forces, state.forces)
-    converged = jnp.where(active, max_force(forces, mask) < config.fmax, state.converged)
+    converged = jnp.where(active, max_force(jax.lax.stop_gradient(forces), mask) < config.fmax, state.converged)
     return FireState(
         positions=positions,
         velocities=jnp.where(act3, v_new, v).astype(dtype),

@@ -81,6 +81,7 @@ def make_relax_eval(
             "dq": losses.delta_q(res.positions, batch.target_positions, s.masses, s.mask),
             "dq_initial": losses.delta_q(s.positions, batch.target_positions, s.masses, s.mask),
             "mse": losses.position_mse(res.positions, batch.target_positions, s.mask),
+            "largest_atom_error": losses.largest_atom_distance(res.positions, batch.target_positions, s.mask),
             "num_frames": res.num_frames,
             "converged": res.converged,
             "diverged": res.diverged,
@@ -142,7 +143,28 @@ def summarize(per_structure: dict[str, np.ndarray]) -> dict[str, float]:
         "num_converged": int(np.sum(per_structure["converged"])),
         "num_diverged": int(np.sum(diverged)),
         "num_nonfinite": int(np.sum(~finite)),
+        **basin_fractions(per_structure),
     }
+
+
+BASIN_THRESHOLDS = (0.05, 0.1, 0.2)  # Å
+
+
+def basin_fractions(per_structure: dict[str, np.ndarray]) -> dict[str, float]:
+    """Fraction of relaxations that ended in the reference basin: every atom within ``d`` Å of its reference
+    relaxed position (``largest_atom_error`` < d) and not diverged, for d in :data:`BASIN_THRESHOLDS`
+    (0.1 Å the headline; keys ``basin_0.05``, ``basin_0.1``, ``basin_0.2``), and the mean frames (or FIRE
+    steps) of the relaxations that converged (``mean_frames_converged``, NaN when none did). Empty when
+    the results hold no ``largest_atom_error``."""
+    if "largest_atom_error" not in per_structure:
+        return {}
+    error = np.asarray(per_structure["largest_atom_error"], np.float64)
+    ok = np.isfinite(error) & ~np.asarray(per_structure["diverged"]).astype(bool)
+    out = {f"basin_{d:g}": float(np.mean(ok & (error < d))) if error.size else float("nan") for d in BASIN_THRESHOLDS}
+    converged = np.asarray(per_structure["converged"]).astype(bool)
+    frames = np.asarray(per_structure["num_frames"], np.float64)
+    out["mean_frames_converged"] = float(frames[converged].mean()) if converged.any() else float("nan")
+    return out
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -225,6 +247,7 @@ def make_fire_eval(force_fn: ForceFn, fire_config: fire.FireConfig):
         return {
             "dq": losses.delta_q(end.state.positions, batch.target_positions, s.masses, s.mask),
             "dq_initial": losses.delta_q(s.positions, batch.target_positions, s.masses, s.mask),
+            "largest_atom_error": losses.largest_atom_distance(end.state.positions, batch.target_positions, s.mask),
             "num_frames": end.state.num_frames,
             "converged": end.state.converged,
             "diverged": end.diverged,

@@ -33,7 +33,7 @@ from bptt_mlip.training import loop
 from bptt_mlip.training import optim
 from bptt_mlip.training import parallel
 from bptt_mlip.relax.step_rules import StepRule
-from bptt_mlip.training import steps
+from bptt_mlip.training import implicit_steps, steps
 from bptt_mlip.data import batching
 from bptt_mlip.data.trajectory import Trajectory
 from bptt_mlip.types import ForceFn, Params, TrainForceFn
@@ -122,8 +122,12 @@ def bptt_finetune(
     force_batch_size: int = 32,
     patience: int = 0,
     mesh: jax.sharding.Mesh | None = None,
+    gradient_config: implicit_steps.GradientConfig | None = None,
 ) -> tuple[Params, list[dict], steps.TrainState]:
     """BPTT fine-tuning; returns (best-validation params, history, final host state); see the module notes.
+
+    ``gradient_config``: implicit or guided gradients instead of BPTT through every frame
+    (:mod:`bptt_mlip.training.implicit_steps`; its ``bptt`` field is replaced by ``bptt_config``); None = BPTT.
 
     ``start_stride > 0``: rollouts also start from every ``start_stride``-th frame; ``bptt_config.force_weight
     > 0``: a force term on ``force_batch_size`` frames per update; ``patience > 0``: early stopping on validation
@@ -136,10 +140,14 @@ def bptt_finetune(
         parallel.check_batch_size(batch_size, mesh)
         if sampler is not None:
             parallel.check_batch_size(force_batch_size, mesh)
-    trainer = steps.make_bptt_trainer(force_fn, step_rule, bptt_config, optim.make_optimizer(optim_config), mesh=mesh)
+    trainer = _fine_tuning_trainer(force_fn, step_rule, bptt_config, gradient_config, optim_config, mesh)
     state = trainer.init(params, jax.random.PRNGKey(seed))
-    checkpointer = _checkpointer(checkpoint_dir, checkpoint_every, max_checkpoints, _run_identity(
-        seed, batch_size, train_trajs, val_trajs, start_stride, force_batch_size if sampler is not None else 0))
+    identity = _run_identity(seed, batch_size, train_trajs, val_trajs, start_stride,
+                             force_batch_size if sampler is not None else 0)
+    if gradient_config is not None and gradient_config.gradient != "bptt":  # a resume must not switch methods
+        identity.update(gradient=implicit_steps.GRADIENTS.index(gradient_config.gradient),
+                        unroll_frames=int(gradient_config.unroll_frames))
+    checkpointer = _checkpointer(checkpoint_dir, checkpoint_every, max_checkpoints, identity)
     state, run = loop.start_or_resume(state, params, checkpointer if resume else None, epochs=epochs, report=report)
     if mesh is not None:
         state = parallel.replicate_global(state, mesh)
@@ -153,6 +161,15 @@ def bptt_finetune(
         early_stopping=loop.EarlyStopping(patience) if patience and val_trajs else None,
         log=log, report=report, on_epoch_end=on_epoch_end)
     return run.best.params, run.history, _host_copy(mesh)(state)
+
+
+def _fine_tuning_trainer(force_fn, step_rule, bptt_config, gradient_config, optim_config, mesh) -> steps.Trainer:
+    """The BPTT trainer, or the implicit / guided one of ``gradient_config``."""
+    optimizer = optim.make_optimizer(optim_config)
+    if gradient_config is None or gradient_config.gradient == "bptt":
+        return steps.make_bptt_trainer(force_fn, step_rule, bptt_config, optimizer, mesh=mesh)
+    config = dataclasses.replace(gradient_config, bptt=bptt_config)
+    return implicit_steps.make_implicit_trainer(force_fn, step_rule, config, optimizer, mesh=mesh)
 
 
 def _check_counts(**counts: int) -> None:

@@ -28,7 +28,8 @@ import optax
 from jax.sharding import Mesh
 
 from bptt_mlip import losses
-from bptt_mlip.relax import scan
+from bptt_mlip.relax import fire_bptt, scan
+from bptt_mlip.relax.fire import FireConfig
 from bptt_mlip.relax.step_rules import StepRule
 from bptt_mlip.structures import ForceBatch, RelaxationBatch
 from bptt_mlip.training import augment, optim, parallel
@@ -56,6 +57,9 @@ class Trainer(NamedTuple):
     update: Callable[..., tuple[TrainState, dict[str, jnp.ndarray]]]
 
 
+RELAXERS = ("frame", "fire")
+
+
 @dataclasses.dataclass(frozen=True)
 class BPTTConfig:
     """Static settings of a BPTT step.
@@ -76,6 +80,13 @@ class BPTTConfig:
         random rotation (start, target, cell and forces together) before the loss.
       augment_translation: and translate it by a random vector with components uniform in
         ``[-augment_translation, augment_translation]`` Å (0 = off).
+      relaxer: ``"frame"`` (the step rule's frames, :func:`bptt_mlip.relax.scan.rollout`) or ``"fire"``
+        (backpropagation through FIRE, :func:`bptt_mlip.relax.fire_bptt.fire_rollout`). With ``"fire"``
+        the step rule plays no part (its gradient is zero; freeze it in the optimiser), ``fire.fmax`` and
+        ``fire.max_steps`` stop the rollout (``rollout.max_frames``, ``stop_rms``, ``stop_fmax`` are unused;
+        its remat, early-exit and divergence settings apply), and modifiers and random stopping, which
+        belong to the frame, must stay off.
+      fire: FIRE's settings for ``relaxer="fire"`` (default ASE's: fmax 0.05 eV/Å, 200 steps).
     """
 
     modifiers: scan.FrameModifiers = scan.FrameModifiers()
@@ -88,6 +99,8 @@ class BPTTConfig:
     force_weight: float = 0.0
     augment_rotation: bool = False
     augment_translation: float = 0.0
+    relaxer: str = "frame"
+    fire: FireConfig = FireConfig()
 
     def __post_init__(self):
         if self.dq_weight < 0 or self.force_weight < 0 or self.augment_translation < 0:
@@ -99,6 +112,11 @@ class BPTTConfig:
             raise ValueError("BPTTConfig: dq_weight and force_weight are both 0; the objective would be empty")
         if self.loss not in ("dq", "mse"):
             raise ValueError(f"BPTTConfig.loss must be 'dq' or 'mse', got {self.loss!r}")
+        if self.relaxer not in RELAXERS:
+            raise ValueError(f"BPTTConfig.relaxer must be one of {RELAXERS}, got {self.relaxer!r}")
+        if self.relaxer == "fire" and (self.random_stopping or self.modifiers != scan.FrameModifiers()):
+            raise ValueError(f"BPTTConfig: relaxer='fire' takes no frame modifiers ({self.modifiers}) and no "
+                             f"random_stopping ({self.random_stopping}); they belong to relaxer='frame'")
         if self.random_stopping and self.frame_limit_range[1] > self.rollout.max_frames:
             raise ValueError(
                 f"frame_limit_range {self.frame_limit_range} exceeds rollout.max_frames={self.rollout.max_frames}"
@@ -162,7 +180,8 @@ def bptt_loss(
     the reference, plus ``force_weight`` x the mean squared force error on ``force_batch``
     (required when ``config.force_weight > 0``).
 
-    ``params``: ``{"model": ..., "step_rule": ...}``; ``step_rule`` turns forces into step sizes.
+    ``params``: ``{"model": ..., "step_rule": ...}``; ``step_rule`` turns forces into step sizes (with
+    ``config.relaxer == "fire"`` the rollout is FIRE and ``params["step_rule"]`` gets a zero gradient).
     Returns ``(loss, aux)`` with per-batch diagnostics in ``aux`` (``endpoint_loss`` and, with a
     force batch, ``force_mse`` in (eV/Å)^2 are the two terms before weighting).
     """
@@ -172,10 +191,13 @@ def bptt_loss(
     batch, force_batch = _augment(config, key, batch, force_batch)
     batch = _empty_weightless_rows(batch)
     stop_rms, frame_limit = _draw_stopping(config, stop_key)
-    result = scan.rollout(
-        force_fn, step_rule, params, batch.initial, config.modifiers, config.rollout,
-        key=noise_key if config.modifiers.noise_std else None, stop_rms=stop_rms, frame_limit=frame_limit,
-    )
+    if config.relaxer == "fire":
+        result = fire_bptt.fire_rollout(force_fn, params["model"], batch.initial, config.fire, config.rollout)
+    else:
+        result = scan.rollout(
+            force_fn, step_rule, params, batch.initial, config.modifiers, config.rollout,
+            key=noise_key if config.modifiers.noise_std else None, stop_rms=stop_rms, frame_limit=frame_limit,
+        )
     s = batch.initial
     dq = losses.delta_q(result.positions, batch.target_positions, s.masses, s.mask)
     per = dq if config.loss == "dq" else losses.position_mse(result.positions, batch.target_positions, s.mask)

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bptt_mlip import compile_cache
 from bptt_mlip import structures as structures_lib
 from bptt_mlip.relax import fire
 from bptt_mlip.models import registry
@@ -305,9 +306,13 @@ def relax_structures(
         model's :attr:`TrainedModel.domain`): ``"warn"`` (an ``OutOfDomainWarning`` listing them; the
         default: relaxing them may still be what you want), ``"error"`` (``OutOfDomainError``, nothing
         relaxed) or ``"ignore"``. Models saved without a domain are not checked.
+
+    Compiled programs go to JAX's persistent compilation cache unless this process chose its own
+    (:func:`bptt_mlip.compile_cache.enable_unless_configured`; ``BPTT_MLIP_CACHE_DIR=off`` disables it).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    compile_cache.enable_unless_configured()
     objs = _structure_list(structures)
     force_fn, full_params, trained = resolve_model(model, params)
     domain = domain if domain is not None else (trained.domain if trained is not None else None)

@@ -26,6 +26,10 @@ Exit status (scripts can tell the outcomes apart):
   ``--max-frames``.
 
 The output file is written for statuses 0, 1 and 3.
+
+Compiled programs are kept in JAX's persistent compilation cache (:mod:`bptt_mlip.compile_cache`:
+``$BPTT_MLIP_CACHE_DIR``, else ``~/.cache/bptt_mlip/jax``; ``BPTT_MLIP_CACHE_DIR=off`` disables it),
+so a second call on the same machine skips most of the first call's compile time.
 """
 
 from __future__ import annotations
@@ -269,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from bptt_mlip import compile_cache
+
+    compile_cache.enable()  # the next call reuses this one's compiles ($BPTT_MLIP_CACHE_DIR; "off" disables)
     try:
         if args.command == "relax":
             return cmd_relax(args)
