@@ -121,3 +121,16 @@ def test_split_fold_tests_every_item_once_and_validates_on_the_first_of_the_rest
         datasets.split_fold(items, 3, 3, seed=0, num_val=2)
     with pytest.raises(ValueError, match="num_val=7 >= 7 trajectories outside test fold 0: no training data left"):
         datasets.split_fold(items, 3, 0, seed=0, num_val=7)
+
+
+def test_a_folder_of_data_files_is_read_file_by_file_and_one_run_saved_twice_once(tmp_path):
+    from bptt_mlip.data import datasets as ds
+
+    for name in ("GaN_v_N.vasprun.xml.gz", "GaN_v_N.OUTCAR.gz", "other_OUTCAR", "frames.extxyz", "README.md"):
+        (tmp_path / name).write_text("")
+    names = [p.name for p in ds.data_files_in(tmp_path)]
+    assert names == ["GaN_v_N.vasprun.xml.gz", "frames.extxyz", "other_OUTCAR"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no data files"):
+        ds.data_files_in(empty)

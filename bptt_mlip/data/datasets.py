@@ -78,20 +78,51 @@ def read_files(
     return out, skipped
 
 
+def data_files_in(folder: str | Path) -> list[Path]:
+    """The data files of a folder that is not a dataset folder, sorted by name: every file whose format
+    :func:`readers.guess_format` knows. One run saved twice (``NAME.vasprun.xml[.gz]`` beside
+    ``NAME.OUTCAR[.gz]``) is read once, from its vasprun.xml, so that it cannot land in two splits.
+    Raises FileNotFoundError when there is none."""
+    files = []
+    for path in sorted(Path(folder).iterdir()):
+        try:
+            if path.is_file():
+                files.append((path, readers.guess_format(path)))
+        except ValueError:
+            continue  # not a data file (README, scripts, ...)
+    runs = {_run_name(p) for p, fmt in files if fmt == "vasprun"}
+    kept = [p for p, fmt in files if not (fmt == "outcar" and _run_name(p) in runs)]
+    if not kept:
+        raise FileNotFoundError(f"{folder}: no {store.MANIFEST_NAME} and no data files (extxyz, vasprun.xml, OUTCAR, "
+                                "MPtrj .json)")
+    return kept
+
+
+def _run_name(path: Path) -> str:
+    """``NAME`` of ``NAME.vasprun.xml.gz`` / ``NAME.OUTCAR`` / ``NAME_OUTCAR``: the run a VASP file belongs to."""
+    name = path.name.lower().removesuffix(".gz")
+    for marker in ("vasprun.xml", "vasprun", "outcar", ".xml"):
+        name = name.replace(marker, "")
+    return name.strip("._-")
+
+
 def read_dataset_spec(
     spec: str, *, skip_bad_records: bool = False, allow_incomplete: bool = False
 ) -> tuple[list[Trajectory], list[dict]]:
     """Trajectories of ``spec`` as read, before validation and curation: ``(trajectories, skipped)``.
 
     ``spec`` is ``"default:<name>"`` (a shipped set, see ``store.load_default_dataset``), a
-    dataset folder (``manifest.json`` + ``cache.npz``) or comma-separated files (extxyz,
+    dataset folder (``manifest.json`` + ``cache.npz``), a folder of data files (:func:`data_files_in`)
+    or comma-separated files (extxyz,
     vasprun.xml[.gz], OUTCAR, MPtrj .json; see :func:`read_files`). Raises ValueError for an
     empty spec and FileNotFoundError naming missing files.
     """
     if spec.startswith(DEFAULT_PREFIX):
         return store.load_default_dataset(spec[len(DEFAULT_PREFIX):]), []
     if Path(spec).is_dir():
-        return store.load_dataset(spec), []
+        if (Path(spec) / store.MANIFEST_NAME).exists():
+            return store.load_dataset(spec), []
+        spec = ",".join(str(p) for p in data_files_in(spec))
     paths = [p for p in spec.split(",") if p]
     if not paths:
         raise ValueError("dataset spec is empty; give default:<name>, a dataset folder or data files")

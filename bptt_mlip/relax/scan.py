@@ -345,3 +345,41 @@ def _scan_frames(body, init: _Carry, rollout_config: RolloutConfig):
     if frames is not None:
         frames = frames.reshape((n_seg * seg,) + frames.shape[2:])[:k_max]
     return carry, frames
+
+
+# --------------------------------------------------------------------------- forward-only frames
+
+
+def start_carry(structures: Structures) -> _Carry:
+    """The state :func:`rollout` starts from (positions = ``structures.positions``, nothing stopped), for
+    :func:`forward_frame`; a NamedTuple of [B, ...] arrays: positions, previous, done, converged,
+    diverged, num_frames, last_rms."""
+    return _initial_carry(structures)
+
+
+def forward_frame(force_fn: ForceFn, step_rule: StepRule, params: Params, structures: Structures, carry: _Carry,
+                  frame_limit: jnp.ndarray, modifiers: FrameModifiers = FrameModifiers(),
+                  rollout_config: RolloutConfig = RolloutConfig(), *, stop_rms=None) -> tuple[_Carry, jnp.ndarray]:
+    """One frame of :func:`rollout` (forward only, no exploration noise) for rows that may have started
+    at different times: each row's frame index is its own ``carry.num_frames`` (the rollout's frame
+    counter while a row has not stopped) and ``frame_limit`` [B] int its own most frames, so a row put
+    into a running batch relaxes exactly as in a rollout of its own. A row at its limit that has not
+    stopped gets the rollout's end-point ``stop_fmax`` check. Returns (carry after the frame, forces
+    [B, N, 3] eV/Å at the positions before it: a row that did not move has its end-point forces there).
+    """
+    if modifiers.noise_std:
+        raise ValueError("forward_frame runs without exploration noise: set FrameModifiers.noise_std = 0")
+    mask = structures.mask
+    current = structures.replace(positions=carry.positions)
+    forces = force_fn(params["model"], current)
+    eta = step_rule.apply(params["step_rule"], current, forces)
+    t = carry.num_frames
+    if modifiers.anneal != 1.0:
+        eta = eta * modifiers.anneal ** t.astype(eta.dtype)
+    update = displacement(forces, eta, mask, modifiers, carry.previous)
+    active = jnp.logical_not(carry.done) & (t < frame_limit)
+    if rollout_config.stop_fmax:  # rows at their limit: the rollout's check of the end point
+        carry, active = _force_stop(carry, jnp.logical_not(carry.done), forces, mask, rollout_config.stop_fmax)
+        active = active & (t < frame_limit)
+    threshold = rollout_config.stop_rms if stop_rms is None else stop_rms
+    return _advance(carry, update, active, mask, threshold, rollout_config.divergence_displacement), forces
