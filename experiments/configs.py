@@ -23,7 +23,8 @@ MODEL_FLAGS = ("model", "d_model", "d_ff", "num_heads", "num_layers", "dropout",
 ROLLOUT_FLAGS = ("max_frames", "stop_rms", "stop_fmax", "remat")
 STEP_RULE_FLAGS = ("step_kind", "init_step", "init_step_scale", "head_max_scale", "momentum", "anneal", "noise_std",
                    "max_displacement")
-BPTT_FLAGS = ("random_stopping", "max_frames", "dq_weight", "force_weight", "augment_rotation", "augment_translation")
+BPTT_FLAGS = ("random_stopping", "max_frames", "dq_weight", "force_weight", "augment_rotation", "augment_translation",
+              "relaxer", "fire_fmax", "momentum", "anneal", "noise_std", "max_displacement")
 
 
 def model_config(v: Flags) -> adapt.AdaptConfig | equivariant.EquivariantConfig:
@@ -87,7 +88,14 @@ def bptt_settings(v: Flags) -> dict[str, Any]:
         "random_stopping": v["random_stopping"], "frame_limit_range": (min(50, v["max_frames"]), v["max_frames"]),
         "dq_weight": v["dq_weight"], "force_weight": v["force_weight"],
         "augment_rotation": v["augment_rotation"], "augment_translation": v["augment_translation"],
+        "relaxer": v.get("relaxer", "frame"), "fire": training_fire_config(v),
     }
+
+
+def training_fire_config(v: Flags) -> fire.FireConfig:
+    """FIRE inside BPTT (``--relaxer=fire``): ``--fire_fmax`` eV/Å and at most ``--max_frames`` steps, the one
+    knob of a training rollout's length and memory (``--fire_max_steps`` is the evaluation's limit)."""
+    return fire.FireConfig(fmax=v["fire_fmax"], max_steps=v["max_frames"])
 
 
 GRADIENT_FLAGS = ("gradient", "unroll_frames", "implicit_null_modes", "guidance_weight", "max_frames")
@@ -199,7 +207,7 @@ def relaxation_settings(v: Flags, given: Iterable[str], derived=None) -> Relaxat
 def _bptt_config(v: Flags):
     from bptt_mlip.training import steps
 
-    return steps.BPTTConfig(rollout=rollout_config(v), **bptt_settings(v))
+    return steps.BPTTConfig(modifiers=step_rule(v, base_step=1.0)[1], rollout=rollout_config(v), **bptt_settings(v))
 
 
 def _checked_configs(v: Flags) -> list[tuple[tuple[str, ...], Callable[[], Any]]]:

@@ -42,6 +42,10 @@ flags.DEFINE_enum("gradient", "bptt", ["bptt", "implicit", "guided"],
                   "How the end-point loss is differentiated: through every frame (bptt), implicitly at the converged "
                   "end point (implicit), or BPTT through the first --unroll_frames frames plus the implicit "
                   "gradient of the rest (guided); see bptt_mlip.training.implicit_steps.")
+flags.DEFINE_enum("relaxer", "frame", ["frame", "fire"],
+                  "The relaxation BPTT differentiates: the step rule's frames (frame), or FIRE with --fire_fmax and "
+                  "at most --max_frames steps (fire; the tuned model is then tested with FIRE against the pretrained "
+                  "model's FIRE).")
 flags.DEFINE_integer("unroll_frames", 0, "--gradient=guided: frames differentiated by BPTT before the implicit tail "
                      "(0 = pure implicit, --max_frames = plain BPTT).")
 flags.DEFINE_enum("implicit_null_modes", "auto", ["auto", "none", "translations", "rigid"],
@@ -124,6 +128,12 @@ def flag_problems(v: dict[str, Any]) -> list[str]:
         need(v[name] >= 0, f"--{name}={v[name]} is a negative learning rate")
     need(v["init_step_scale"] > 0, f"--init_step_scale={v['init_step_scale']} must be > 0")
     need(v["init_step"] >= 0, f"--init_step={v['init_step']} must be >= 0 (0 = best grid step)")
+    if v.get("relaxer") == "fire":
+        need(v["fire"], "--relaxer=fire compares the tuned model's FIRE with the pretrained model's: needs --fire")
+        need(v.get("gradient", "bptt") == "bptt",
+             f"--relaxer=fire is differentiated by BPTT only; --gradient={v.get('gradient')} works with the frame map")
+        need(not v.get("step_kind") == "learnable" and not v.get("step_kind") == "neural",
+             f"--relaxer=fire has no step rule to learn; --step_kind={v.get('step_kind')} needs --relaxer=frame")
     if v["random_stopping"]:
         need(v["max_frames"] >= 50, "--random_stopping draws the frame limit from [50, --max_frames], but "
              f"--max_frames={v['max_frames']} < 50")

@@ -173,6 +173,7 @@ def results_json(o: FinetuneOutcome) -> dict:
         "model_config": checkpoint.config_to_dict(o.model_config), "num_params": o.num_params,
         "best_grid_step": o.best_step, "grid": grid_rows(o.steps, o.grid_train, o.grid_test),
         "relaxation": o.relaxation, "dq_ratio_bptt_over_best_grid": o.dq_ratio,
+        "dq_ratio_of": [o.relaxation[-1]["setting"], o.relaxation[-2]["setting"]],  # (numerator, denominator)
         "forces": o.forces, "force_rmse_ratio": o.forces["bptt"]["force_rmse"] / o.forces["pretrained"]["force_rmse"],
         "pretrain_history": o.pretrain_history, "bptt_history": o.bptt_history,
         "per_structure_test_dq": o.per_structure_dq, "timings_s": o.timings,

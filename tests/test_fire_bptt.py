@@ -144,10 +144,13 @@ def test_padded_atoms_and_rows_change_nothing():
             assert float(g2["model"][name]) == pytest.approx(float(g1["model"][name]), rel=1e-10, abs=1e-14)
         # FIRE has no step rule: its parameters get an exact zero gradient
         assert float(g1["step_rule"]["eta"]) == 0.0 and float(g2["step_rule"]["eta"]) == 0.0
-        r_tight = fire_bptt.fire_rollout(potentials.morse_force_fn, params["model"], tight.initial, FIRE_CONFIG)
-        r_pad = fire_bptt.fire_rollout(potentials.morse_force_fn, params["model"], padded_s, FIRE_CONFIG)
-        np.testing.assert_allclose(np.asarray(r_pad.positions)[:2, :4], np.asarray(r_tight.positions), atol=1e-12)
-        np.testing.assert_array_equal(np.asarray(r_pad.positions)[:, 4:], np.asarray(padded_s.positions)[:, 4:])
+        run = jax.jit(lambda p, st: fire_bptt.fire_rollout(potentials.morse_force_fn, p, st, FIRE_CONFIG))
+        r_tight, r_pad = run(params["model"], tight.initial), run(params["model"], padded_s)
+        real = np.asarray(tight.initial.mask)
+        np.testing.assert_allclose(np.asarray(r_pad.positions)[:2, :4][real], np.asarray(r_tight.positions)[real],
+                                   rtol=0, atol=1e-12)
+        pad = ~np.asarray(padded_s.mask)
+        np.testing.assert_array_equal(np.asarray(r_pad.positions)[pad], np.asarray(padded_s.positions)[pad])
 
 
 def test_diverging_structure_is_frozen_at_its_last_finite_state_with_a_finite_gradient():
@@ -190,7 +193,7 @@ def test_bptt_config_checks_the_relaxer():
 def test_bptt_through_fire_finetunes_a_morse_potential():
     sizes = (5, 6, 7)
     s = bm.from_arrays([["Si"] * n for n in sizes], [cluster(n, 20 + i) for i, n in enumerate(sizes)])
-    config = fire.FireConfig(fmax=0.01, max_steps=60)
+    config = fire.FireConfig(fmax=0.01, max_steps=150)  # the reference relaxations take 78 to 105 steps
     truth = potentials.init_morse_params(depth=0.6, r0=2.5, alpha=1.4)
     reference = fire.make_fire_runner(potentials.morse_force_fn, dataclasses.replace(config, max_steps=300))(truth, s)
     assert np.all(np.asarray(reference.state.converged))
@@ -198,12 +201,15 @@ def test_bptt_through_fire_finetunes_a_morse_potential():
     bptt_config = steps.BPTTConfig(relaxer="fire", fire=config, rollout=scan.RolloutConfig(remat="frame"))
     tx = bm.make_optimizer(bm.OptimConfig(learning_rate=0.02, clip_norm=10.0, freeze_step_rule=True))
     trainer = steps.make_bptt_trainer(potentials.morse_force_fn, relax.FixedStep(0.05), bptt_config, tx)
-    params = {"model": potentials.init_morse_params(depth=0.5, r0=2.3, alpha=1.6), "step_rule": {"eta": jnp.asarray(0.05)}}
+    params = {"model": potentials.init_morse_params(depth=0.5, r0=2.3, alpha=1.6),
+              "step_rule": {"eta": jnp.asarray(0.05)}}
     state = trainer.init(params, jax.random.PRNGKey(0))
     history = []
-    for _ in range(25):
+    for _ in range(22):
         state, metrics = trainer.update(state, batch)
         history.append(float(metrics["dq"]))
-    assert history[-1] < 0.5 * history[0], history
+        assert int(metrics["converged"]) == len(sizes)
+    # FIRE's end point jumps when a branch decision flips, so the loss is not monotone: compare the last three
+    assert np.mean(history[-3:]) < 0.3 * history[0], history
     assert abs(float(state.params["model"]["r0"]) - 2.5) < abs(2.3 - 2.5)
     assert int(metrics["nonfinite_total"]) == 0

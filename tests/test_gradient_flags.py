@@ -29,3 +29,22 @@ def test_implicit_gradient_with_an_unroll_window_is_refused_naming_the_flags(tmp
     assert proc.returncode == 2
     assert "--gradient=implicit" in proc.stderr and "--unroll_frames=3" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "bad" / "results.json").exists()
+
+
+def test_bptt_through_fire_is_tested_with_fire_against_the_pretrained_models_fire(tmp_path):
+    workdir = tmp_path / "fire"
+    proc = run("finetune", f"--workdir={workdir}", "--relaxer=fire", *DATA_FLAGS, *MODEL_FLAGS, *PRETRAIN_FLAGS,
+               *RUN_FLAGS)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((workdir / "results.json").read_text())
+    settings = [row["setting"] for row in results["relaxation"]]
+    assert settings[-2:] == ["pretrained + FIRE", "BPTT through FIRE, tested with FIRE"], settings
+    rows = results["relaxation"]
+    # the headline ratio compares the tuned model's FIRE with the pretrained model's FIRE
+    assert abs(results["dq_ratio_bptt_over_best_grid"] - rows[-1]["mean_dq"] / rows[-2]["mean_dq"]) < 1e-9
+
+
+def test_relaxer_fire_with_an_implicit_gradient_is_refused(tmp_path):
+    proc = run("finetune", f"--workdir={tmp_path / 'bad'}", "--relaxer=fire", "--gradient=implicit",
+               *DATA_FLAGS, *MODEL_FLAGS, *RUN_FLAGS)
+    assert proc.returncode == 2 and "--relaxer=fire" in proc.stderr, proc.stderr[-2000:]

@@ -35,6 +35,8 @@ Usage (``force_fn`` maps [B, N, 3] positions to [B, N, 3] forces in eV/Å)::
 ``fire_relax`` only uses ``lax`` control flow and ``jnp.where``, so it can be wrapped in
 ``jax.jit`` (close over ``force_fn`` and ``config``; they are static). For a model's
 ``force_fn(params, structures)``, :func:`make_fire_runner` gives one cached jitted runner.
+Backpropagation through FIRE (a masked ``lax.scan`` with remat, differentiable in a model's
+parameters, its branch decisions held constant) is :func:`bptt_mlip.relax.fire_bptt.fire_rollout`.
 """
 
 from __future__ import annotations

@@ -84,6 +84,9 @@ class GradientConfig:
         if self.gradient == "implicit" and self.unroll_frames:
             raise ValueError(f"gradient='implicit' unrolls no frames; got unroll_frames={self.unroll_frames} "
                              "(use gradient='guided' for a BPTT window)")
+        if self.gradient != "bptt" and self.bptt.relaxer != "frame":
+            raise ValueError(f"gradient={self.gradient!r} differentiates the frame map; relaxer={self.bptt.relaxer!r} "
+                             "is trained with gradient='bptt'")
         if self.guidance_weight < 0:
             raise ValueError(f"GradientConfig.guidance_weight must be >= 0, got {self.guidance_weight}")
 

@@ -144,7 +144,9 @@ def bptt_finetune(
     state = trainer.init(params, jax.random.PRNGKey(seed))
     identity = _run_identity(seed, batch_size, train_trajs, val_trajs, start_stride,
                              force_batch_size if sampler is not None else 0)
-    if gradient_config is not None and gradient_config.gradient != "bptt":  # a resume must not switch methods
+    if bptt_config.relaxer != "frame":  # a resume must not switch relaxer or gradient method
+        identity.update(relaxer=steps.RELAXERS.index(bptt_config.relaxer))
+    if gradient_config is not None and gradient_config.gradient != "bptt":
         identity.update(gradient=implicit_steps.GRADIENTS.index(gradient_config.gradient),
                         unroll_frames=int(gradient_config.unroll_frames))
     checkpointer = _checkpointer(checkpoint_dir, checkpoint_every, max_checkpoints, identity)
@@ -223,6 +225,9 @@ def _dq_validation(
     rollout = dataclasses.replace(bptt_config.rollout, remat="none", return_trajectory=False)
 
     def summary(params: Params) -> dict[str, float]:
+        if bptt_config.relaxer == "fire":  # chosen by the relaxation it is trained for
+            return evaluate.fire_table(force_fn, params["model"], val_trajs, bptt_config.fire, batch_size=batch_size,
+                                       buckets=buckets)[0]
         batches = batching.relaxation_batches(val_trajs, batch_size, buckets=buckets)
         per = evaluate.evaluate_relaxations(force_fn, step_rule, params, batches, bptt_config.modifiers, rollout)
         return evaluate.summarize(per)
