@@ -6,9 +6,9 @@
     out.structures[0], out.num_frames, out.converged, out.max_force
 
 Structures of any size and kind may be mixed in one call. They are grouped by atom-count bucket
-(:mod:`bptt_mlip.workflow.buckets`) and relaxed in padded, jitted batches, so a
-bucket compiles once per batch shape (see :func:`relax_structures` for the row count). Results come back in
-the input order and as the input kinds (copies; the inputs are not modified).
+(:mod:`bptt_mlip.workflow.buckets`) and relaxed in padded, jitted batches whose stopped rows take the next
+waiting structure (in flight), so a bucket compiles once per batch shape (see :func:`relax_structures` for the
+row count). Results come back in the input order and as the input kinds (copies; inputs are not modified).
 
 Two relaxation methods:
 
@@ -53,6 +53,7 @@ from bptt_mlip.data.batching import DEFAULT_BUCKETS
 from bptt_mlip.relax import runaway
 from bptt_mlip.types import ForceFn, Params
 from bptt_mlip.workflow import buckets as buckets_lib
+from bptt_mlip.workflow import inflight
 from bptt_mlip.workflow import model_io
 from bptt_mlip.workflow.model_io import resolve_checkpoint_dir  # noqa: F401  (public here too)
 
@@ -204,6 +205,8 @@ class RelaxOutput:
       method: ``"frame"`` or ``"fire"``.
       domain_problems: per structure, how it lies outside the model's training domain (empty lists
         when inside, when the model has no domain, or with ``on_out_of_domain="ignore"``).
+      work: counts of what was computed (:mod:`bptt_mlip.workflow.buckets`): ``batch_calls``, ``batch_frames``,
+        ``slot_frames`` (structure-frames), ``frames_needed``, ``compiled_shapes`` (so far, for these settings).
     """
 
     structures: list
@@ -214,6 +217,7 @@ class RelaxOutput:
     trajectories: list | None
     method: str
     domain_problems: list = dataclasses.field(default_factory=list)
+    work: dict = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.structures)
@@ -274,6 +278,8 @@ def relax_structures(
     max_total_displacement: float = runaway.MAX_TOTAL_DISPLACEMENT,
     on_out_of_domain: str = "warn",
     domain: domain_lib.Domain | None = None,
+    in_flight: bool | None = None,
+    progress: bool | None = None,
 ) -> RelaxOutput:
     """Relax one or many ASE ``Atoms`` / pymatgen ``Structure`` objects with a trained model.
 
@@ -306,6 +312,11 @@ def relax_structures(
         model's :attr:`TrainedModel.domain`): ``"warn"`` (an ``OutOfDomainWarning`` listing them; the
         default: relaxing them may still be what you want), ``"error"`` (``OutOfDomainError``, nothing
         relaxed) or ``"ignore"``. Models saved without a domain are not checked.
+      in_flight: refill a bucket's batch rows as structures stop (:func:`~bptt_mlip.workflow.buckets.relax_in_flight`:
+        a call costs about the mean, not the slowest, frames per batch), each structure ending as relaxed alone
+        (positions to float32 rounding; FIRE stops a structure at non-finite positions). False: fixed batches run
+        to their slowest member. None (default): in flight unless ``return_trajectory``.
+      progress: a bar of structures done (in flight); None: shown for more structures than ``batch_size``.
 
     Compiled programs go to JAX's persistent compilation cache unless this process chose its own
     (:func:`bptt_mlip.compile_cache.enable_unless_configured`; ``BPTT_MLIP_CACHE_DIR=off`` disables it).
@@ -319,34 +330,63 @@ def relax_structures(
     problems = domain_lib.screen(domain, objs, on_out_of_domain)
 
     if method == "frame":
-        step_rule, modifiers, step_params = _inference_rule(trained, step_size)
-        run_params = {"model": full_params["model"], "step_rule": step_params}
-        max_frames, stop_rms, stop_fmax = model_io.frame_stop_rule(trained.meta if trained else {}, max_frames,
-                                                                    stop_rms, stop_fmax)
-        rollout_cfg = RolloutConfig(
-            max_frames=int(max_frames), stop_fmax=float(stop_fmax), remat="none",
-            divergence_displacement=float(divergence_displacement), return_trajectory=bool(return_trajectory),
-        )
-        runner = _frame_runner(force_fn, step_rule, modifiers, rollout_cfg)
-        stop = jnp.asarray(stop_rms, jnp.float32)  # traced: changing it does not recompile
-
-        def run_batch(batch):
-            res, fmax = runner(run_params, batch, stop)
-            return res.positions, res.num_frames, res.converged, res.diverged, fmax, res.trajectory
+        run_batch, engine = _frame_method(force_fn, full_params, trained, step_size, max_frames, stop_rms, stop_fmax,
+                                          divergence_displacement, return_trajectory)
     else:
         if step_size is not None:
             raise ValueError("step_size applies to method='frame'; FIRE uses fire_config (dt, maxstep)")
-        fire_cfg = fire_config if fire_config is not None else fire.FireConfig()
-        runner = fire.make_fire_runner(force_fn, fire_cfg, bool(return_trajectory))
+        run_batch, engine = _fire_method(force_fn, full_params, fire_config, return_trajectory)
+    in_flight = not return_trajectory if in_flight is None else bool(in_flight)
+    if in_flight and return_trajectory:
+        raise ValueError("return_trajectory needs in_flight=False (trajectories come from fixed batches)")
+    work: dict = {}
+    if in_flight:
+        show = len(objs) > batch_size if progress is None else bool(progress)
+        out = buckets_lib.relax_in_flight(objs, engine, batch_size, buckets, float(max_total_displacement),
+                                          progress=show, work=work)
+        work["compiled_shapes"] = engine.compiled_shapes()
+    else:
+        out = buckets_lib.relax_in_buckets(objs, run_batch, batch_size, buckets, bool(return_trajectory),
+                                           float(max_total_displacement), work=work)
+        work["compiled_shapes"] = run_batch.runner._cache_size()
+    return RelaxOutput(**out, method=method, domain_problems=problems, work=work)
 
-        def run_batch(batch):
-            end = runner(full_params["model"], batch)
-            state = end.state
-            return state.positions, state.num_frames, state.converged, end.diverged, end.max_force, end.trajectory
 
-    out = buckets_lib.relax_in_buckets(objs, run_batch, batch_size, buckets, bool(return_trajectory),
-                                       float(max_total_displacement))
-    return RelaxOutput(**out, method=method, domain_problems=problems)
+def _frame_method(force_fn, full_params, trained, step_size, max_frames, stop_rms, stop_fmax,
+                  divergence_displacement, return_trajectory) -> tuple[Callable, inflight.FrameEngine]:
+    """(fixed-batch ``run_batch``, in-flight engine) of :func:`relax_structures` with ``method="frame"``."""
+    step_rule, modifiers, step_params = _inference_rule(trained, step_size)
+    run_params = {"model": full_params["model"], "step_rule": step_params}
+    max_frames, stop_rms, stop_fmax = model_io.frame_stop_rule(trained.meta if trained else {}, max_frames,
+                                                                stop_rms, stop_fmax)
+    rollout_cfg = RolloutConfig(
+        max_frames=int(max_frames), stop_fmax=float(stop_fmax), remat="none",
+        divergence_displacement=float(divergence_displacement), return_trajectory=bool(return_trajectory),
+    )
+    runner = _frame_runner(force_fn, step_rule, modifiers, rollout_cfg)
+    stop = jnp.asarray(stop_rms, jnp.float32)  # traced: changing it does not recompile
+
+    def run_batch(batch):
+        res, fmax = runner(run_params, batch, stop)
+        return res.positions, res.num_frames, res.converged, res.diverged, fmax, res.trajectory
+
+    run_batch.runner = runner
+    engine_cfg = dataclasses.replace(rollout_cfg, return_trajectory=False)  # one compile with or without
+    return run_batch, inflight.FrameEngine(force_fn, step_rule, modifiers, engine_cfg, run_params, float(stop_rms))
+
+
+def _fire_method(force_fn, full_params, fire_config, return_trajectory) -> tuple[Callable, inflight.FireEngine]:
+    """(fixed-batch ``run_batch``, in-flight engine) of :func:`relax_structures` with ``method="fire"``."""
+    fire_cfg = fire_config if fire_config is not None else fire.FireConfig()
+    runner = fire.make_fire_runner(force_fn, fire_cfg, bool(return_trajectory))
+
+    def run_batch(batch):
+        end = runner(full_params["model"], batch)
+        state = end.state
+        return state.positions, state.num_frames, state.converged, end.diverged, end.max_force, end.trajectory
+
+    run_batch.runner = runner
+    return run_batch, inflight.FireEngine(force_fn, fire_cfg, full_params["model"])
 
 
 # ``bptt_mlip.workflow.api.relax`` as the quickstart shows it

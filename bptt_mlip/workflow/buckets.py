@@ -116,16 +116,18 @@ def relax_in_buckets(objs: list, run_batch: Callable, batch_size: int, buckets: 
 
 
 def relax_in_flight(objs: list, engine, batch_size: int, buckets: Sequence[int], max_total_displacement: float, *,
-                    limits: Sequence[int] | None = None, max_iterations: int = 64, progress: bool = False,
-                    work: dict | None = None) -> dict:
+                    limits: Sequence[int] | None = None, max_iterations: int = 64, refill_rows: int | None = None,
+                    progress: bool = False, work: dict | None = None) -> dict:
     """Relax ``objs`` (ASE / pymatgen structures) with in-flight batching: per atom bucket one batch of
     :func:`rows_for_bucket` rows whose finished rows take the next waiting structure of the bucket.
 
     Args:
       engine: a :class:`bptt_mlip.workflow.inflight.FrameEngine` or ``FireEngine`` (method, model, settings).
       limits: per structure its most frames (FIRE steps); default the engine's (``max_frames`` / ``max_steps``).
-      max_iterations: most frames per compiled call (the call returns earlier once a row is free while
-        structures wait): how often the host sees progress.
+      max_iterations: most frames per compiled call: how often the host sees progress.
+      refill_rows: while structures wait, a call returns once this many rows are free (default ``rows // 16``,
+        at least 1: large batches on an accelerator go back to the host less often, at the cost of a few idle
+        rows).
       progress: show a bar counting structures done (:class:`bptt_mlip.progress.Progress`).
       work: a dict that gets the counts of the module docstring.
 
@@ -140,9 +142,14 @@ def relax_in_flight(objs: list, engine, batch_size: int, buckets: Sequence[int],
     res = _empty_results(n, False)
     bar = progress_lib.Progress(n, f"relax ({engine.name}, in flight)") if progress else None
     for bucket, idx in _bucket_groups(objs, buckets).items():
-        batch = structures_lib.from_atoms([objs[i] for i in idx], max_atoms=bucket)
+        # padded one structure at a time: the host-to-device conversions inside compile per shape, and
+        # [1, bucket] is one shape per bucket whatever the number of structures
+        one_by_one = [_take_rows(structures_lib.from_atoms([objs[i]], max_atoms=bucket), 0) for i in idx]
+        batch = jax.tree.map(lambda *rows_: np.stack(rows_), *one_by_one)
         rows = rows_for_bucket(len(idx), batch_size)
-        pos, frames, conv, div, fmax = _run_bucket(engine, batch, limits[idx], rows, max_iterations, bar, work)
+        refill = max(1, rows // 16) if refill_rows is None else min(max(1, int(refill_rows)), rows)
+        call = (max_iterations, refill)
+        pos, frames, conv, div, fmax = _run_bucket(engine, batch, limits[idx], rows, call, bar, work)
         _store(res, idx, sizes, batch, pos, frames, conv, div, fmax, max_total_displacement)
         _count(work, frames_needed=np.sum(frames + 1))
     if bar is not None:
@@ -155,13 +162,15 @@ def _take_rows(structures: structures_lib.Structures, rows) -> structures_lib.St
     return jax.tree.map(lambda a: np.asarray(a)[rows], structures)
 
 
-def _run_bucket(engine, batch: structures_lib.Structures, limits: np.ndarray, rows: int, max_iterations: int,
+def _run_bucket(engine, batch: structures_lib.Structures, limits: np.ndarray, rows: int, call: tuple[int, int],
                 bar, work: dict | None) -> tuple:
-    """Relax the structures of one bucket (``batch``, [count] rows) in flight in ``rows`` rows: their
-    (positions [count, N, 3], frames, converged, diverged, max_force [count]) in ``batch`` order."""
+    """Relax the structures of one bucket (``batch``, [count] rows) in flight in ``rows`` rows, ``call`` =
+    (most frames per compiled call, free rows that end it while structures wait): their (positions
+    [count, N, 3], frames, converged, diverged, max_force [count]) in ``batch`` order."""
+    max_iterations, refill = call
     count, n_atoms = batch.mask.shape
-    empty = structures_lib.padded_structures(np.zeros((rows, n_atoms), np.int32),
-                                             np.zeros((rows, n_atoms, 3), np.float32), np.zeros((rows, 3, 3), np.float32))
+    positions, cells = np.zeros((rows, n_atoms, 3), np.float32), np.zeros((rows, 3, 3), np.float32)
+    empty = structures_lib.padded_structures(np.zeros((rows, n_atoms), np.int32), positions, cells)
     slot_structures = _take_rows(empty, np.arange(rows))
     slots = engine.empty_slots(slot_structures)
     owner = np.full(rows, -1)  # the bucket index of the structure in each row
@@ -175,7 +184,7 @@ def _run_bucket(engine, batch: structures_lib.Structures, limits: np.ndarray, ro
             slot_structures = inflight.set_rows(slot_structures, take, _take_rows(batch, new))
             slots = inflight.start_rows(slots, take, engine.start_state(_take_rows(batch, new)), limits[new])
             owner[take], waiting = new, waiting + len(take)
-        min_free = 1 if waiting < count else rows
+        min_free = min(refill, count - waiting) if waiting < count else rows
         slots, iterations = engine.run(slot_structures, slots, max_iterations, min_free)
         _count(work, batch_calls=1, batch_frames=iterations, slot_frames=rows * iterations)
         done = np.flatnonzero((owner >= 0) & slots.finished)

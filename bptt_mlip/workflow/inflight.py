@@ -30,7 +30,7 @@ import numpy as np
 from bptt_mlip.relax import fire, scan
 from bptt_mlip.relax.scan import FrameModifiers, RolloutConfig
 from bptt_mlip.relax.step_rules import StepRule
-from bptt_mlip.structures import Structures
+from bptt_mlip.structures import Structures, padded_structures
 from bptt_mlip.types import ForceFn, Params
 
 # FIRE's own step limit is switched off in flight: every row has its own limit in ``Slots.limit``
@@ -132,6 +132,14 @@ def _frame_chunk(force_fn: ForceFn, step_rule: StepRule, modifiers: FrameModifie
     return jax.jit(run)
 
 
+@functools.lru_cache(maxsize=16)
+def _start_carry_row(n_atoms: int):
+    """:func:`bptt_mlip.relax.scan.start_carry` of one row of ``n_atoms`` atoms, as numpy (positions zero)."""
+    one_row = padded_structures(np.zeros((1, n_atoms), np.int32), np.zeros((1, n_atoms, 3), np.float32),
+                                np.zeros((1, 3, 3), np.float32))
+    return jax.tree.map(np.array, scan.start_carry(one_row))
+
+
 @dataclasses.dataclass(frozen=True)
 class FrameEngine:
     """In-flight rows relaxed by the frame map ``X <- X + eta F(X)`` (:func:`bptt_mlip.relax.scan.rollout`
@@ -160,8 +168,11 @@ class FrameEngine:
         return _frame_chunk(self.force_fn, self.step_rule, self.modifiers, self.rollout_config)
 
     def start_state(self, structures: Structures):
-        """Start state of the rows of ``structures`` (numpy leaves)."""
-        return jax.tree.map(np.array, scan.start_carry(structures))
+        """Start state of the rows of ``structures`` (numpy leaves): the rollout's, positions = the rows' own."""
+        b, n = structures.mask.shape
+        template = _start_carry_row(n)  # built on the host, no device call per refill
+        state = jax.tree.map(lambda a: np.repeat(a, b, axis=0), template)
+        return state._replace(positions=np.array(structures.positions, template.positions.dtype))
 
     def idle_state(self, structures: Structures):
         """State of empty rows: stopped, so they never move."""
@@ -240,7 +251,8 @@ class FireEngine:
         zeros = np.zeros((b, n, 3), np.float32)
         return fire.FireState(positions=np.array(structures.positions, np.float32), velocities=zeros, forces=zeros,
                               dt=np.full(b, self.config.dt, np.float32), a=np.full(b, self.config.a_start, np.float32),
-                              n_pos=np.zeros(b, np.int32), converged=np.zeros(b, bool), num_frames=np.zeros(b, np.int32))
+                              n_pos=np.zeros(b, np.int32), converged=np.zeros(b, bool),
+                              num_frames=np.zeros(b, np.int32))
 
     def idle_state(self, structures: Structures) -> fire.FireState:
         return self.start_state(structures)  # never running, so never stepped
