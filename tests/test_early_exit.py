@@ -31,9 +31,9 @@ def _batch():
     return s, jnp.asarray(target)
 
 
-def _counting_force_fn(calls: list, centres: jnp.ndarray):
-    """Harmonic wells F = -k (x - centre) (k learnable, eV/Å²), counting each executed call (a host
-    callback runs only where its branch runs)."""
+def _counting_force_fn(calls: list, centres: jnp.ndarray, row_stiffness=None):
+    """Harmonic wells F = -k s_b (x - centre) (k learnable, eV/Å²; s_b a fixed factor per row, default 1),
+    counting each executed call (a host callback runs only where its branch runs)."""
 
     def count(_):
         calls.append(1)
@@ -41,6 +41,8 @@ def _counting_force_fn(calls: list, centres: jnp.ndarray):
     def force_fn(params, structures):
         jax.debug.callback(count, structures.positions[0, 0, 0])
         forces = -params["k"] * (structures.positions - centres)
+        if row_stiffness is not None:
+            forces = forces * row_stiffness[:, None, None]
         return jnp.where(structures.mask[..., None], forces, 0.0)
 
     return force_fn
@@ -102,3 +104,38 @@ def test_frame_limit_counts_as_finished():
     jax.block_until_ready(res)
     np.testing.assert_array_equal(np.asarray(res.num_frames[:3]), [5, 5, 5])
     assert len(calls) <= 6
+
+
+def test_early_exit_with_a_diverging_and_a_never_converging_structure():
+    """Row 1 runs away at its first frame (a 6 Å step). Then either every other row converges (the batch
+    finishes early and frames are skipped) or row 0 oscillates for ever (eta k s = 2: each frame
+    mirrors it through its well's centre), so the batch never finishes and early exit skips nothing;
+    both agree with computing every frame."""
+    structures, target = _batch()
+    far = target.at[1].add(30.0)  # row 1's well is 30 Å away: eta k 30 = 6 Å > divergence_displacement
+    for stiffness, never in ((jnp.ones(4), False), (jnp.asarray([10.0, 1.0, 1.0, 1.0]), True)):
+        calls_on, calls_off = [], []
+        outs = []
+        for early, calls in ((True, calls_on), (False, calls_off)):
+            config = relax.RolloutConfig(max_frames=MAX_FRAMES, stop_rms=1e-3, early_exit=early)
+            force_fn = _counting_force_fn(calls, far, stiffness)
+
+            def loss(params):
+                res = relax.rollout(force_fn, relax.LearnableStep(0.1), params, structures, relax.FrameModifiers(),
+                                    config)
+                return jnp.sum(losses.delta_q(res.positions, target + 0.1, structures.masses, structures.mask)), res
+
+            outs.append(jax.jit(jax.value_and_grad(loss, has_aux=True))(PARAMS))
+        (v_on, r_on), g_on = outs[0]
+        (v_off, r_off), g_off = outs[1]
+        assert bool(r_on.diverged[1]) and int(r_on.num_frames[1]) == 0
+        for name in ("num_frames", "converged", "diverged"):
+            np.testing.assert_array_equal(np.asarray(getattr(r_on, name)), np.asarray(getattr(r_off, name)))
+        np.testing.assert_allclose(np.asarray(v_on), np.asarray(v_off), rtol=1e-6)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5),
+                               g_on, g_off)
+        if never:
+            assert int(r_on.num_frames[0]) == MAX_FRAMES and not bool(r_on.converged[0])
+            assert len(calls_on) == len(calls_off)  # the batch never finished: nothing to skip
+        else:
+            assert len(calls_on) < len(calls_off)
