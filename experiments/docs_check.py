@@ -37,7 +37,7 @@ from typing import Iterable, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 LITERAL_LABELS = ("paper", "derived", "setting", "data", "unrecorded")
-MEASURED_DOCS = ("docs/results.md", "docs/performance.md", "docs/example_gan.md")
+MEASURED_DOCS = ("docs/results.md", "docs/performance.md", "docs/example_gan.md", "docs/fire.md", "docs/data.md")
 
 MARKER = re.compile(r"<!--\s*(source|unchecked)\s*:(.*?)-->", re.S)
 NUMBER = re.compile(r"(?<![\w.^])(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?![\w.]*\d)(?!\.\d)")
