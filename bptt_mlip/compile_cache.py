@@ -36,13 +36,13 @@ def default_dir() -> Path | None:
     return Path(base) / "bptt_mlip" / "jax"
 
 
-def enable(path: str | os.PathLike | None = None, *, min_compile_seconds: float = 0.5) -> Path | None:
+def enable(path: str | os.PathLike | None = None, *, min_compile_seconds: float = 0.0) -> Path | None:
     """Keep compiled executables in ``path`` (see the module docstring for the default) and reuse them.
 
     Args:
       path: cache folder, created if missing; None takes :func:`default_dir`.
-      min_compile_seconds: only compilations that took at least this long are written (tiny
-        programs are faster to recompile than to read).
+      min_compile_seconds: only compilations that took at least this long are written (0: every
+        one, so that a second process on the same inputs compiles nothing at all).
 
     Returns the folder in use, or None when disabled or when the folder cannot be created (then
     nothing changes: the cache is an optimisation, never a reason to fail).
