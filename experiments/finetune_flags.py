@@ -132,7 +132,7 @@ def flag_problems(v: dict[str, Any]) -> list[str]:
         need(v["fire"], "--relaxer=fire compares the tuned model's FIRE with the pretrained model's: needs --fire")
         need(v.get("gradient", "bptt") == "bptt",
              f"--relaxer=fire is differentiated by BPTT only; --gradient={v.get('gradient')} works with the frame map")
-        need(not v.get("step_kind") == "learnable" and not v.get("step_kind") == "neural",
+        need(v.get("step_kind", "fixed") == "fixed",
              f"--relaxer=fire has no step rule to learn; --step_kind={v.get('step_kind')} needs --relaxer=frame")
     if v["random_stopping"]:
         need(v["max_frames"] >= 50, "--random_stopping draws the frame limit from [50, --max_frames], but "
