@@ -146,12 +146,14 @@ def long_rollout_result(force_fn, model_params, best_step: float, bptt: BPTTResu
 
 
 def run_diagnostics(pre_per, bptt_per, fire_per, grid_train, forces, train_set, test, v: dict, labels: dict) -> dict:
-    """``diagnostics.diagnose`` of this run's evaluations (``labels``: the table's names of the
-    pretrained best-grid and BPTT rows); each warning printed."""
+    """``diagnostics.diagnose`` of this run's evaluations (``forces``: test force errors ``{"pretrained": ...,
+    "bptt": ...}``; ``labels``: the table's names of the pretrained best-grid and BPTT rows); each warning
+    printed."""
     diag = diagnostics.diagnose(
         {"pretrained_best_grid": pre_per, "bptt": bptt_per}, max_frames=v["max_frames"],
         baseline="pretrained_best_grid", fire=fire_per, fire_max_steps=v["fire_max_steps"], fire_fmax=v["fire_fmax"],
-        grid=grid_train, pretrained_forces=forces, train_species=[t.species for t in train_set],
+        grid=grid_train, pretrained_forces=forces["pretrained"], tuned_forces=forces["bptt"],
+        train_species=[t.species for t in train_set],
         test_species=[t.species for t in test], labels=labels)
     for name, c in diag["relaxation"].items():
         common.info(f"{name}: " + ", ".join(f"{k[4:]} {n}" for k, n in c.items()))
@@ -199,7 +201,8 @@ def main(argv):
     rows.append({"setting": bptt.setting, **bptt.summary})
     for row in rows:
         common.info(report.divergence_line(row))
-    diag = run_diagnostics(pre_per, bptt.per_structure, fire_per, grid_train, pre_forces, train_set, test, v,
+    diag = run_diagnostics(pre_per, bptt.per_structure, fire_per, grid_train,
+                           {"pretrained": pre_forces, "bptt": bptt_forces}, train_set, test, v,
                            {"pretrained_best_grid": rows[-2]["setting"], "bptt": rows[-1]["setting"]})
     long = None
     if FLAGS.long_rollout_factor > 1 and diagnostics.baseline_max_frames_warning(

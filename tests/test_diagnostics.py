@@ -117,6 +117,20 @@ def test_force_warning_at_the_zero_force_ratio():
     assert dg.force_warnings(dg.force_counts({"force_rmse": 0.61, "zero_force_rmse": 0.71})) == []
 
 
+def test_tuned_force_warning_above_1_1x_the_pretrained_or_zero_force():
+    pre = dg.force_counts({"force_rmse": 0.5946, "zero_force_rmse": 0.7129})
+    worse = dg.force_counts({"force_rmse": 0.9428, "zero_force_rmse": 0.7129})  # the main job's BPTT, measured
+    (w,) = dg.tuned_force_warnings(worse, pre)
+    assert "0.9428 eV/Å is 1.59x the pretrained model's (0.5946) and no better than predicting zero force" in w
+    slightly = dg.force_counts({"force_rmse": 0.66, "zero_force_rmse": 0.7129})  # 1.11x, still below zero force
+    (w,) = dg.tuned_force_warnings(slightly, pre)
+    assert "1.11x" in w and "zero force" not in w.split(":")[0]
+    assert dg.tuned_force_warnings(dg.force_counts({"force_rmse": 0.65, "zero_force_rmse": 0.7129}), pre) == []
+    diag = dg.diagnose({}, max_frames=75, pretrained_forces={"force_rmse": 0.5946, "zero_force_rmse": 0.7129},
+                       tuned_forces={"force_rmse": 0.9428, "zero_force_rmse": 0.7129})
+    assert diag["tuned_forces"]["force_rmse"] == 0.9428 and any("BPTT-tuned" in w for w in diag["warnings"])
+
+
 def test_unseen_elements_named():
     c = dg.element_counts([[14, 14], [14]], [[14, 29], [11, 17]])
     assert c == {"train": ["Si"], "test": ["Na", "Si", "Cl", "Cu"], "unseen_in_training": ["Na", "Cl", "Cu"]}

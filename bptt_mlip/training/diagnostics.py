@@ -195,6 +195,23 @@ def force_warnings(c: Mapping, name: str = "pretrained model") -> list[str]:
             "the forces of these structures."]
 
 
+TUNED_FORCE_RATIO = 1.1
+"""A fine-tuned model whose force RMSE exceeds this multiple of the pretrained model's has traded forces away."""
+
+
+def tuned_force_warnings(tuned: Mapping, pretrained: Mapping) -> list[str]:
+    """A warning when the fine-tuned model's force RMSE (``force_counts`` of both) is above
+    ``TUNED_FORCE_RATIO`` x the pretrained model's, or no better than predicting zero force."""
+    rmse, before, zero = tuned["force_rmse"], pretrained["force_rmse"], tuned["zero_force_rmse"]
+    ratio = rmse / before if before > 0 else np.inf
+    if ratio <= TUNED_FORCE_RATIO and rmse < zero:
+        return []
+    worse = f" and no better than predicting zero force ({zero:.4g} eV/Å)" if rmse >= zero else ""
+    return [f"The BPTT-tuned model's force RMSE {rmse:.4g} eV/Å is {ratio:.2f}x the pretrained model's "
+            f"({before:.4g}){worse}: fine-tuning traded force accuracy for end points (a force term, "
+            "--force_weight, keeps the forces)."]
+
+
 def element_warnings(c: Mapping) -> list[str]:
     """A warning naming the test elements never seen in training (``c`` of :func:`element_counts`)."""
     if not c["unseen_in_training"]:
@@ -213,6 +230,7 @@ def diagnose(
     fire_fmax: float | None = None,
     grid: Mapping | None = None,
     pretrained_forces: Mapping | None = None,
+    tuned_forces: Mapping | None = None,
     train_species: Iterable[Iterable[int]] | None = None,
     test_species: Iterable[Iterable[int]] | None = None,
     labels: Mapping[str, str] | None = None,
@@ -227,6 +245,7 @@ def diagnose(
       fire: per-structure results of ``fire_table`` (``fire_max_steps``, ``fire_fmax`` eV/Å its settings).
       grid: ``grid_table`` result on the data the step was chosen on.
       pretrained_forces: ``evaluate_forces`` result of the pretrained model on test frames.
+      tuned_forces: the same for the fine-tuned model (compared with ``pretrained_forces``).
       train_species, test_species: atomic numbers of each training / test structure.
       labels: name in ``relaxations`` -> the words warnings use for it (default the name).
 
@@ -253,6 +272,9 @@ def diagnose(
     if pretrained_forces is not None:
         out["forces"] = force_counts(pretrained_forces)
         warnings += force_warnings(out["forces"])
+        if tuned_forces is not None:
+            out["tuned_forces"] = force_counts(tuned_forces)
+            warnings += tuned_force_warnings(out["tuned_forces"], out["forces"])
     if train_species is not None and test_species is not None:
         out["elements"] = element_counts(train_species, test_species)
         warnings += element_warnings(out["elements"])
