@@ -166,9 +166,9 @@ def bptt_finetune(
 
 
 def _fine_tuning_trainer(force_fn, step_rule, bptt_config, gradient_config, optim_config, mesh) -> steps.Trainer:
-    """The BPTT trainer, or the implicit / guided one of ``gradient_config``."""
+    """The BPTT trainer, or the one of ``gradient_config`` (whose ``"bptt"`` is the BPTT trainer too)."""
     optimizer = optim.make_optimizer(optim_config)
-    if gradient_config is None or gradient_config.gradient == "bptt":
+    if gradient_config is None:
         return steps.make_bptt_trainer(force_fn, step_rule, bptt_config, optimizer, mesh=mesh)
     config = dataclasses.replace(gradient_config, bptt=bptt_config)
     return implicit_steps.make_implicit_trainer(force_fn, step_rule, config, optimizer, mesh=mesh)
