@@ -37,6 +37,8 @@ flags.DEFINE_list("only_folds", [], "Run only these fold indices (default: all);
                   "e.g. to split a study over machines or to explore one setting on one fold first.")
 flags.DEFINE_string("base_extra", "", "Extra flags for the per-fold pretraining/grid run only (e.g. a narrower "
                     "--grid_steps).")
+flags.DEFINE_bool("base_fire", True, "Relax each fold's test structures with the pretrained model under FIRE too "
+                  "(the reference table's FIRE column).")
 
 # name -> flags changed from the flagfile
 VARIANTS: dict[str, list[str]] = {
@@ -55,30 +57,63 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
+def _relaxation_row(results: dict, prefix: str) -> dict | None:
+    return next((r for r in results["relaxation"] if r["setting"].startswith(prefix)), None)
+
+
+def reference_row(base: dict) -> dict:
+    """The fold's pretrained model on its test fold (``base``: results.json of the bptt_epochs=0 run):
+    Dq (amu^0.5 Å) of not moving, at the best grid step and under FIRE (NaN where FIRE was not run),
+    converged counts, the 0.1 Å basin fraction, and the force RMSE (eV/Å) against predicting zero."""
+    pre = _relaxation_row(base, "pretrained, best grid step")
+    fire = _relaxation_row(base, "pretrained + FIRE")
+    forces = base["forces"]["pretrained"]
+    nan = float("nan")
+    return {
+        "start_dq": pre["mean_dq_initial"], "pretrained_dq": pre["mean_dq"],
+        "pretrained_converged": pre["num_converged"], "pretrained_basin_0.1": pre.get("basin_0.1", nan),
+        "fire_dq": fire["mean_dq"] if fire else nan, "fire_converged": fire["num_converged"] if fire else 0,
+        "fire_diverged": fire["num_diverged"] if fire else 0,
+        "pretrained_force_rmse": forces["force_rmse"], "zero_force_rmse": forces["zero_force_rmse"],
+        "pretrained_force_over_zero": forces["force_rmse"] / forces["zero_force_rmse"],
+        "best_grid_step": base["best_grid_step"], "num_test": pre["num_structures"],
+        "base_wall_s": base["timings_s"]["total_s"],
+    }
+
+
 def fold_row(base: dict, res: dict) -> dict:
     """Test figures of one variant on one fold, relative to the fold's pretrained model
     (``base``: results.json of the fold's bptt_epochs=0 run, ``res``: the variant's)."""
-    pre = next(r for r in base["relaxation"] if r["setting"].startswith("pretrained, best grid step"))
+    ref = reference_row(base)
     tuned = res["relaxation"][-1]
-    pre_f, tuned_f = base["forces"]["pretrained"]["force_rmse"], res["forces"]["bptt"]["force_rmse"]
+    tuned_f = res["forces"]["bptt"]["force_rmse"]
     return {
-        "pretrained_dq": pre["mean_dq"], "dq": tuned["mean_dq"], "dq_ratio": tuned["mean_dq"] / pre["mean_dq"],
-        "pretrained_force_rmse": pre_f, "force_rmse": tuned_f, "force_ratio": tuned_f / pre_f,
-        "converged": tuned["num_converged"], "pretrained_converged": pre["num_converged"],
-        "num_test": tuned["num_structures"], "diverged": tuned["num_diverged"],
-        "best_grid_step": base["best_grid_step"], "wall_s": res["timings_s"]["total_s"],
+        **ref, "dq": tuned["mean_dq"], "dq_ratio": tuned["mean_dq"] / ref["pretrained_dq"],
+        "dq_over_start": tuned["mean_dq"] / ref["start_dq"],
+        "force_rmse": tuned_f, "force_ratio": tuned_f / ref["pretrained_force_rmse"],
+        "converged": tuned["num_converged"], "num_test": tuned["num_structures"], "diverged": tuned["num_diverged"],
+        "basin_0.1": tuned.get("basin_0.1", float("nan")), "wall_s": res["timings_s"]["total_s"],
     }
+
+
+SUMMARIZED = ("dq", "dq_ratio", "dq_over_start", "force_rmse", "force_ratio", "converged", "basin_0.1", "wall_s",
+              "start_dq", "pretrained_dq", "fire_dq", "pretrained_force_rmse", "pretrained_force_over_zero",
+              "pretrained_basin_0.1", "base_wall_s")
 
 
 def summarize_folds(rows: list[dict]) -> dict:
     """Mean and sample standard deviation (ddof=1; 0 for a single fold) of every number."""
     out = {"folds": len(rows)}
-    for k in ("dq", "dq_ratio", "force_rmse", "force_ratio", "converged", "pretrained_dq", "wall_s"):
+    for k in SUMMARIZED:
+        if not all(k in r for r in rows):  # a row computed by older code
+            continue
         v = np.asarray([r[k] for r in rows], np.float64)
         out[f"{k}_mean"] = float(v.mean())
         out[f"{k}_std"] = float(v.std(ddof=1)) if v.size > 1 else 0.0
     out["num_test_total"] = int(sum(r["num_test"] for r in rows))
-    out["converged_total"] = int(sum(r["converged"] for r in rows))
+    for count in ("converged", "pretrained_converged", "fire_converged"):
+        if all(count in r for r in rows):
+            out[f"{count}_total"] = int(sum(r[count] for r in rows))
     return out
 
 
@@ -86,17 +121,40 @@ def _pm(mean, std, digits=3):
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-TABLE_HEAD = [("| variant | flags | folds | test Dq | Dq ratio | force RMSE (eV/Å) | force ratio | converged "
-               "| wall s/run |"), "|---|---|---|---|---|---|---|---|---|"]
+TABLE_HEAD = [("| variant | flags | folds | test Dq | Dq ratio | Dq / not moving | basin 0.1 Å | force RMSE (eV/Å) "
+               "| force ratio | converged | wall s/run |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
+REFERENCE_HEAD = [("| folds | not moving Dq | pretrained + FIRE Dq | FIRE converged | best grid Dq | grid converged "
+                   "| basin 0.1 Å | force RMSE (eV/Å) | force RMSE / zero force | wall s/fold |"),
+                  "|---|---|---|---|---|---|---|---|---|---|"]
 
 
-def summary_markdown(summary: list[dict], failed: list[str]) -> str:
-    """crossval.md: one row per variant (mean ± std over folds), then the failed runs."""
-    table = list(TABLE_HEAD)
+def _pm_or_blank(r: dict, key: str, digits: int = 3) -> str:
+    if f"{key}_mean" not in r or not np.isfinite(r[f"{key}_mean"]):
+        return ""
+    return _pm(r[f"{key}_mean"], r[f"{key}_std"], digits)
+
+
+def reference_markdown(reference: list[dict]) -> list[str]:
+    """The pretrained reference of every fold, mean ± std over folds (one row)."""
+    r = summarize_folds(reference)
+    return [*REFERENCE_HEAD,
+            f"| {r['folds']} | {_pm_or_blank(r, 'start_dq')} | {_pm_or_blank(r, 'fire_dq')} "
+            f"| {r['fire_converged_total']}/{r['num_test_total']} "
+            f"| {_pm_or_blank(r, 'pretrained_dq')} | {r['pretrained_converged_total']}/{r['num_test_total']} "
+            f"| {_pm_or_blank(r, 'pretrained_basin_0.1')} | {_pm_or_blank(r, 'pretrained_force_rmse')} "
+            f"| {_pm_or_blank(r, 'pretrained_force_over_zero')} | {r['base_wall_s_mean']:.0f} |"]
+
+
+def summary_markdown(summary: list[dict], failed: list[str], reference: list[dict] | None = None) -> str:
+    """crossval.md: the pretrained reference (when given), one row per variant (mean ± std over folds),
+    then the failed runs."""
+    table = ["Pretrained reference (test folds):", "", *reference_markdown(reference), ""] if reference else []
+    table += list(TABLE_HEAD)
     for r in summary:
         table.append(
             f"| {r['variant']} | `{r['flags'] or '(none)'}` | {r['folds']} | {_pm(r['dq_mean'], r['dq_std'])} | "
-            f"{_pm(r['dq_ratio_mean'], r['dq_ratio_std'])} | {_pm(r['force_rmse_mean'], r['force_rmse_std'])} | "
+            f"{_pm(r['dq_ratio_mean'], r['dq_ratio_std'])} | {_pm_or_blank(r, 'dq_over_start')} | "
+            f"{_pm_or_blank(r, 'basin_0.1')} | {_pm(r['force_rmse_mean'], r['force_rmse_std'])} | "
             f"{_pm(r['force_ratio_mean'], r['force_ratio_std'])} | {r['converged_total']}/{r['num_test_total']} | "
             f"{r['wall_s_mean']:.0f} |"
         )
@@ -121,15 +179,17 @@ def main(argv):
     if any(not 0 <= k < FLAGS.cv_folds for k in folds):
         raise app.UsageError(f"--only_folds={FLAGS.only_folds}: fold indices must be in 0..{FLAGS.cv_folds - 1}")
     per_variant: dict[str, list[dict]] = {v: [] for v in FLAGS.variants}
-    failed = []
+    failed, reference = [], []
     for k in folds:
         fold = root / f"fold{k}"
         base_dir = fold / "base"
         if not common.run_finetune(base_dir, [*shared, f"--cv_fold={k}", "--bptt_epochs=0",
+                                              f"--fire={str(FLAGS.base_fire).lower()}",
                                               *shlex.split(FLAGS.base_extra)], fold / "base.log"):
             failed.append(f"fold{k}/base")
             continue
         base = json.loads((base_dir / "results.json").read_text())
+        reference.append({"fold": k, **reference_row(base)})
         fixed = [f"--cv_fold={k}", f"--pretrained={base_dir / 'checkpoints' / 'pretrained'}",
                  f"--grid_steps={base['best_grid_step']!r}", "--grid_max_trajectories=8"]
         for name in FLAGS.variants:
@@ -144,9 +204,10 @@ def main(argv):
     summary = [{"variant": v, "flags": " ".join(VARIANTS[v]), **summarize_folds(rows)}
                for v, rows in per_variant.items() if rows]
     common.write_json(root / "crossval.json", {"command": common.command_line(), "folds": FLAGS.cv_folds,
-                                               "folds_run": folds, "per_fold": per_variant, "summary": summary,
-                                               "failed": failed})
-    text = summary_markdown(summary, failed)
+                                               "folds_run": folds, "reference": reference,
+                                               "reference_summary": summarize_folds(reference) if reference else None,
+                                               "per_fold": per_variant, "summary": summary, "failed": failed})
+    text = summary_markdown(summary, failed, reference)
     (root / "crossval.md").write_text(text + "\n")
     print(text)
     if failed:

@@ -162,6 +162,16 @@ def run_diagnostics(pre_per, bptt_per, fire_per, grid_train, forces, train_set, 
     return diag
 
 
+def per_structure_dq(pre_per: dict, fire_per: dict | None, bptt_per: dict) -> dict:
+    """Test Dq (amu^0.5 Å) per structure, in test order: not moving (``start``), the pretrained model
+    at its best grid step, with FIRE (when run), and BPTT-tuned; the per-structure figures' input."""
+    out = {"start": pre_per["dq_initial"], "pretrained_best_grid": pre_per["dq"]}
+    if fire_per is not None:
+        out["pretrained_fire"] = fire_per["dq"]
+    out["bptt"] = bptt_per["dq"]
+    return out
+
+
 def main(argv):
     del argv
     t_start = time.time()
@@ -215,7 +225,7 @@ def main(argv):
         grid_train=grid_train, grid_test=grid_test, relaxation=rows,
         forces={"pretrained": pre_forces, "bptt": bptt_forces},
         pretrain_history=pretrain_history, bptt_history=bptt.history,
-        per_structure_dq={"pretrained_best_grid": pre_per["dq"], "bptt": bptt.per_structure["dq"]}, timings=timings,
+        per_structure_dq=per_structure_dq(pre_per, fire_per, bptt.per_structure), timings=timings,
         skipped_records=skipped, nonfinite_skipped_steps=bptt.skipped_steps, resumed=bool(FLAGS.resume),
         settings=settings.to_dict(), diagnostics=diag, long_rollout=long, max_frames=v["max_frames"])
     md = report.write_outputs(workdir, outcome, common.command_line())

@@ -44,7 +44,9 @@ def test_pretrain_finetune_and_ablation_scripts_end_to_end(tmp_path):
     results = json.loads((workdir / "results.json").read_text())
     assert results["split"] == {"test": 3, "val": 2, "train": 7}
     assert [r["step"] for r in results["grid"]] == [0.01, 0.04]
-    assert len(results["per_structure_test_dq"]["bptt"]) == 3
+    per_structure = results["per_structure_test_dq"]
+    assert len(per_structure["bptt"]) == 3
+    assert len(per_structure["start"]) == 3 and min(per_structure["start"]) > 0  # test starts are not minima
     assert results["model_config"]["d_model"] == 16  # taken from the checkpoint, not the flags
     for name in ("bptt_loss.png", "grid_search.png", "dq_before_after.png"):
         assert (workdir / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -75,7 +77,10 @@ def test_crossval_script_folds_and_variants(tmp_path):
         assert res["split"] == {"test": 3, "val": 2, "train": 4}
         assert res["best_grid_step"] == json.loads((tmp_path / "cv" / f"fold{k}" / "base" / "results.json")
                                                    .read_text())["best_grid_step"]
-    assert "± " in (tmp_path / "cv" / "crossval.md").read_text()
+    md = (tmp_path / "cv" / "crossval.md").read_text()
+    assert "± " in md and "pretrained + FIRE Dq" in md  # the base runs relax with FIRE too (--base_fire)
+    assert [r["fold"] for r in out["reference"]] == [0, 1, 2]
+    assert all(r["fire_dq"] > 0 and r["start_dq"] > 0 for r in out["reference"])
 
 
 def test_finetune_data_parallel_over_four_host_devices(tmp_path):

@@ -76,3 +76,43 @@ def dq_before_after(before: np.ndarray, after: np.ndarray, path: Path, labels=("
     ax.set_ylabel(f"Dq {labels[1]} (amu$^{{1/2}}$ Å)")
     ax.set_title(f"Test Dq per structure: {improved}/{len(b)} improved")
     return save_figure(fig, ax, path, legend=False)
+
+
+def dq_per_structure_panels(panels: dict[str, dict[str, np.ndarray]], path: Path,
+                            order_by: str = "start") -> Path:
+    """Test Dq (amu^0.5 Å) per structure, one panel per model side by side.
+
+    ``panels``: model name -> {relaxation name (``"start"``, ``"pretrained_best_grid"``,
+    ``"pretrained_fire"``, ``"bptt"``, ...) -> [N] Dq per test structure}; every panel holds the same N
+    structures in the same order. Structures are sorted by ``panels[first][order_by]`` (not moving,
+    by default) so that every panel's x position names the same structure. Non-finite values (a
+    runaway) are drawn at the top edge as crosses."""
+    plt = pyplot()
+    names = list(panels)
+    first = panels[names[0]]
+    order = np.argsort(np.asarray(first[order_by], float), kind="stable")
+    finite = [np.asarray(v, float) for p in panels.values() for v in p.values()]
+    top = max(float(np.nanmax(np.where(np.isfinite(v), v, np.nan))) for v in finite if np.isfinite(v).any())
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4), sharey=True, squeeze=False)
+    styles = {"start": ("k", "-", "not moving"), "pretrained_best_grid": ("C0", ".", "pretrained, best grid step"),
+              "pretrained_fire": ("C2", ".", "pretrained + FIRE"), "bptt": ("C3", ".", "BPTT-tuned")}
+    for ax, name in zip(axes[0], names):
+        x = np.arange(order.size)
+        for key, values in panels[name].items():
+            color, marker, label = styles.get(key, (None, ".", key))
+            v = np.asarray(values, float)[order]
+            ax.plot(x, np.where(np.isfinite(v), v, np.nan), marker if marker != "-" else "-", color=color,
+                    ms=4, lw=1, label=label)
+            bad = ~np.isfinite(v)
+            if bad.any():
+                ax.plot(x[bad], np.full(bad.sum(), top), "x", color=color)
+        ax.set_title(name)
+        ax.set_xlabel("test structure (sorted by Dq of not moving)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("Dq to the DFT minimum (amu$^{1/2}$ Å)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(Path(path), dpi=110)
+    plt.close(fig)
+    return Path(path)
