@@ -139,3 +139,31 @@ def test_early_exit_with_a_diverging_and_a_never_converging_structure():
             assert len(calls_on) == len(calls_off)  # the batch never finished: nothing to skip
         else:
             assert len(calls_on) < len(calls_off)
+
+
+def test_forward_relaxation_stops_when_done_and_equals_the_rollout():
+    """relax_until_done (a while loop over the done mask) gives the rollout's end points (to float32
+    rounding; frames taken and flags exactly) and calls the force model only until the batch has
+    stopped: once per frame taken by the slowest structure, where the full scan calls it MAX_FRAMES
+    times. Also for a batch with a runaway row and one that never converges (runs to the limit)."""
+    structures, target = _batch()
+    for centres, stiffness in ((target, None), (target.at[1].add(30.0), jnp.asarray([10.0, 1.0, 1.0, 1.0]))):
+        calls_loop, calls_scan = [], []
+        config = relax.RolloutConfig(max_frames=MAX_FRAMES, stop_rms=1e-3, early_exit=False)
+        args = (relax.LearnableStep(0.1), PARAMS, structures, relax.FrameModifiers(), config)
+        looped = jax.jit(lambda: relax.relax_until_done(_counting_force_fn(calls_loop, centres, stiffness), *args))()
+        scanned = jax.jit(lambda: relax.rollout(_counting_force_fn(calls_scan, centres, stiffness), *args))()
+        jax.block_until_ready((looped, scanned))
+        for name in ("num_frames", "converged", "diverged"):
+            np.testing.assert_array_equal(np.asarray(getattr(looped, name)), np.asarray(getattr(scanned, name)))
+        np.testing.assert_allclose(np.asarray(looped.positions), np.asarray(scanned.positions), rtol=0, atol=1e-5)
+        assert len(calls_scan) == MAX_FRAMES
+        assert len(calls_loop) == int(np.max(np.asarray(looped.num_frames)))  # frames of the slowest row
+    assert int(looped.num_frames[0]) == MAX_FRAMES and bool(looped.diverged[1])  # the second case
+
+
+def test_forward_relaxation_refuses_to_return_a_trajectory():
+    structures, target = _batch()
+    with pytest.raises(ValueError, match="trajectory"):
+        relax.relax_until_done(_counting_force_fn([], target), relax.LearnableStep(0.1), PARAMS, structures,
+                               rollout_config=relax.RolloutConfig(return_trajectory=True))

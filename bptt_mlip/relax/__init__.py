@@ -1,7 +1,9 @@
-"""Relaxation: step rules, the masked ``lax.scan`` rollout of frames, FIRE, the vmapped grid search.
+"""Relaxation: step rules, the masked ``lax.scan`` rollout of frames, its forward-only twin that stops
+when every structure has stopped, FIRE, the vmapped grid search.
 
 Generic over the force model: every function takes a ``force_fn(params, structures)``."""
 
+from bptt_mlip.relax.forward import forward_frame, relax_until_done, start_carry
 from bptt_mlip.relax.scan import (
     FrameModifiers,
     RolloutConfig,

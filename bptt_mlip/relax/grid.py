@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from bptt_mlip import losses
-from bptt_mlip.relax import scan
+from bptt_mlip.relax import forward, scan
 from bptt_mlip.relax import step_rules
 
 from bptt_mlip.structures import RelaxationBatch
@@ -56,10 +56,12 @@ def grid_search(
     fixed = step_rules.FixedStep()  # its step size is the traced parameter eta: one computation serves every eta
     config = dataclasses.replace(rollout_config, return_trajectory=False)
     s = batch.initial
+    # forward only: with early exit, stop each (vmapped) batch's frames once all its structures stopped
+    relax = forward.relax_until_done if config.early_exit else scan.rollout
 
     def one(eta):
         params = {"model": model_params, "step_rule": {"eta": eta}}
-        res = scan.rollout(force_fn, fixed, params, s, scan.FrameModifiers(), config)
+        res = relax(force_fn, fixed, params, s, scan.FrameModifiers(), config)
         dq = losses.delta_q(res.positions, batch.target_positions, s.masses, s.mask)
         return dq, res.num_frames, res.converged, res.diverged
 
@@ -72,6 +74,8 @@ def grid_search(
     return GridResult(step_sizes, dq, mean, frames, conv, div)
 
 
+@functools.lru_cache(maxsize=32)
 def make_grid_search(force_fn: ForceFn, rollout_config: scan.RolloutConfig, chunk_size: int | None = None):
-    """A jit-compiled ``search(model_params, batch, step_sizes) -> GridResult``."""
+    """A jit-compiled ``search(model_params, batch, step_sizes) -> GridResult``; cached on its (hashable)
+    arguments, so a second grid table with the same force function and config compiles nothing."""
     return jax.jit(functools.partial(grid_search, force_fn, rollout_config=rollout_config, chunk_size=chunk_size))

@@ -236,11 +236,35 @@ def rollout(
       stop_rms: overrides ``rollout_config.stop_rms`` with a traced value (random stopping rules).
       frame_limit: a traced limit <= ``max_frames`` on the frames taken (random stopping rules).
     """
+    k_max = rollout_config.max_frames
+    limit = k_max if frame_limit is None else jnp.minimum(frame_limit, k_max)
+    body = _frame_body(force_fn, step_rule, params, structures, modifiers, rollout_config, key, stop_rms, limit)
+
+    def skip(carry: _Carry, t: jnp.ndarray):
+        return carry, (carry.positions if rollout_config.return_trajectory else None)
+
+    def frame_unless_finished(carry: _Carry, t: jnp.ndarray):
+        # once every structure has stopped, a frame changes nothing: the cond skips the force call
+        # forward and (being a cond, not a where) its backward pass too
+        finished = jnp.all(carry.done | (t >= limit))
+        return jax.lax.cond(finished, skip, body, carry, t)
+
+    carry, frames = _scan_frames(frame_unless_finished if rollout_config.early_exit else body,
+                                 _initial_carry(structures), rollout_config)
+    carry = _end_point_force_stop(force_fn, params, structures, carry, rollout_config)
+    trajectory = None
+    if rollout_config.return_trajectory:
+        trajectory = jnp.concatenate([structures.positions[None], frames], axis=0)
+    return RolloutResult(carry.positions, carry.num_frames, carry.converged, carry.diverged, carry.last_rms, trajectory)
+
+
+def _frame_body(force_fn: ForceFn, step_rule: StepRule, params: Params, structures: Structures,
+                modifiers: FrameModifiers, rollout_config: RolloutConfig, key, stop_rms, limit):
+    """``body(carry, t) -> (carry after frame t, positions or None)``: one frame of every structure
+    still active (not done, ``t < limit``), shared by :func:`rollout` and :func:`relax_until_done`."""
     if modifiers.noise_std and key is None:
         raise ValueError("FrameModifiers.noise_std > 0 needs a PRNG key for the exploration noise")
-    k_max = rollout_config.max_frames
     threshold = rollout_config.stop_rms if stop_rms is None else stop_rms
-    limit = k_max if frame_limit is None else jnp.minimum(frame_limit, k_max)
     mask = structures.mask
 
     def body(carry: _Carry, t: jnp.ndarray):
@@ -259,24 +283,18 @@ def rollout(
         new = _advance(carry, update, active, mask, threshold, rollout_config.divergence_displacement)
         return new, (new.positions if rollout_config.return_trajectory else None)
 
-    def skip(carry: _Carry, t: jnp.ndarray):
-        return carry, (carry.positions if rollout_config.return_trajectory else None)
+    return body
 
-    def frame_unless_finished(carry: _Carry, t: jnp.ndarray):
-        # once every structure has stopped, a frame changes nothing: the cond skips the force call
-        # forward and (being a cond, not a where) its backward pass too
-        finished = jnp.all(carry.done | (t >= limit))
-        return jax.lax.cond(finished, skip, body, carry, t)
 
-    carry, frames = _scan_frames(frame_unless_finished if rollout_config.early_exit else body,
-                                 _initial_carry(structures), rollout_config)
-    if rollout_config.stop_fmax:
-        end_forces = force_fn(params["model"], structures.replace(positions=carry.positions))
-        carry, _ = _force_stop(carry, jnp.logical_not(carry.done), end_forces, mask, rollout_config.stop_fmax)
-    trajectory = None
-    if rollout_config.return_trajectory:
-        trajectory = jnp.concatenate([structures.positions[None], frames], axis=0)
-    return RolloutResult(carry.positions, carry.num_frames, carry.converged, carry.diverged, carry.last_rms, trajectory)
+def _end_point_force_stop(force_fn: ForceFn, params: Params, structures: Structures, carry: _Carry,
+                          rollout_config: RolloutConfig) -> _Carry:
+    """With ``stop_fmax`` on, the end positions of rows still running are checked too (ASE's fmax test
+    of the last structure)."""
+    if not rollout_config.stop_fmax:
+        return carry
+    end_forces = force_fn(params["model"], structures.replace(positions=carry.positions))
+    carry, _ = _force_stop(carry, jnp.logical_not(carry.done), end_forces, structures.mask, rollout_config.stop_fmax)
+    return carry
 
 
 def _initial_carry(structures: Structures) -> _Carry:
@@ -345,41 +363,3 @@ def _scan_frames(body, init: _Carry, rollout_config: RolloutConfig):
     if frames is not None:
         frames = frames.reshape((n_seg * seg,) + frames.shape[2:])[:k_max]
     return carry, frames
-
-
-# --------------------------------------------------------------------------- forward-only frames
-
-
-def start_carry(structures: Structures) -> _Carry:
-    """The state :func:`rollout` starts from (positions = ``structures.positions``, nothing stopped), for
-    :func:`forward_frame`; a NamedTuple of [B, ...] arrays: positions, previous, done, converged,
-    diverged, num_frames, last_rms."""
-    return _initial_carry(structures)
-
-
-def forward_frame(force_fn: ForceFn, step_rule: StepRule, params: Params, structures: Structures, carry: _Carry,
-                  frame_limit: jnp.ndarray, modifiers: FrameModifiers = FrameModifiers(),
-                  rollout_config: RolloutConfig = RolloutConfig(), *, stop_rms=None) -> tuple[_Carry, jnp.ndarray]:
-    """One frame of :func:`rollout` (forward only, no exploration noise) for rows that may have started
-    at different times: each row's frame index is its own ``carry.num_frames`` (the rollout's frame
-    counter while a row has not stopped) and ``frame_limit`` [B] int its own most frames, so a row put
-    into a running batch relaxes exactly as in a rollout of its own. A row at its limit that has not
-    stopped gets the rollout's end-point ``stop_fmax`` check. Returns (carry after the frame, forces
-    [B, N, 3] eV/Å at the positions before it: a row that did not move has its end-point forces there).
-    """
-    if modifiers.noise_std:
-        raise ValueError("forward_frame runs without exploration noise: set FrameModifiers.noise_std = 0")
-    mask = structures.mask
-    current = structures.replace(positions=carry.positions)
-    forces = force_fn(params["model"], current)
-    eta = step_rule.apply(params["step_rule"], current, forces)
-    t = carry.num_frames
-    if modifiers.anneal != 1.0:
-        eta = eta * modifiers.anneal ** t.astype(eta.dtype)
-    update = displacement(forces, eta, mask, modifiers, carry.previous)
-    active = jnp.logical_not(carry.done) & (t < frame_limit)
-    if rollout_config.stop_fmax:  # rows at their limit: the rollout's check of the end point
-        carry, active = _force_stop(carry, jnp.logical_not(carry.done), forces, mask, rollout_config.stop_fmax)
-        active = active & (t < frame_limit)
-    threshold = rollout_config.stop_rms if stop_rms is None else stop_rms
-    return _advance(carry, update, active, mask, threshold, rollout_config.divergence_displacement), forces

@@ -19,7 +19,7 @@ import numpy as np
 from bptt_mlip import losses, progress
 from bptt_mlip.data import batching
 from bptt_mlip.data.trajectory import Trajectory
-from bptt_mlip.relax import fire
+from bptt_mlip.relax import fire, forward
 from bptt_mlip.relax import grid
 from bptt_mlip.relax import runaway
 from bptt_mlip.relax import scan
@@ -74,9 +74,8 @@ def make_relax_eval(
     @jax.jit
     def run(params, batch: RelaxationBatch, key):
         s = batch.initial
-        res = scan.rollout(
-            force_fn, step_rule, params, s, modifiers, rollout_config, key=key if modifiers.noise_std else None
-        )
+        relax = forward.relax_until_done if rollout_config.early_exit else scan.rollout
+        res = relax(force_fn, step_rule, params, s, modifiers, rollout_config, key=key if modifiers.noise_std else None)
         return {
             "dq": losses.delta_q(res.positions, batch.target_positions, s.masses, s.mask),
             "dq_initial": losses.delta_q(s.positions, batch.target_positions, s.masses, s.mask),

@@ -8,7 +8,7 @@ waiting ones into the free rows, resetting those rows' state, so many structures
 not the maximum, number of frames of a batch.
 
 Each row relaxes exactly as it would alone: every row keeps its own frame counter and frame limit
-(:func:`bptt_mlip.relax.scan.forward_frame`; FIRE's per-structure state, :func:`bptt_mlip.relax.fire.fire_step`),
+(:func:`bptt_mlip.relax.forward.forward_frame`; FIRE's per-structure state, :func:`bptt_mlip.relax.fire.fire_step`),
 and rows of a batch never mix. One force evaluation of the batch is one iteration; a structure takes its
 frames plus one evaluation at its end point (its reported largest force, as the fixed-batch path
 computes it).
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bptt_mlip.relax import fire, scan
+from bptt_mlip.relax import fire, forward
 from bptt_mlip.relax.scan import FrameModifiers, RolloutConfig
 from bptt_mlip.relax.step_rules import StepRule
 from bptt_mlip.structures import Structures, padded_structures
@@ -41,7 +41,7 @@ class Slots(NamedTuple):
     """The rows of an in-flight batch ([B] leading axis everywhere).
 
     Attributes:
-      state: the method's per-row state: the rollout carry (:func:`bptt_mlip.relax.scan.start_carry`)
+      state: the method's per-row state: the rollout carry (:func:`bptt_mlip.relax.forward.start_carry`)
         or a :class:`bptt_mlip.relax.fire.FireState`.
       limit: [B] int32 most frames (FIRE steps) of the row's structure.
       occupied: [B] bool, the row holds a structure (False: an empty padding row that never moves).
@@ -118,7 +118,7 @@ def _numpy_slots(rows: int, state) -> Slots:
 def _frame_chunk(force_fn: ForceFn, step_rule: StepRule, modifiers: FrameModifiers, rollout_config: RolloutConfig):
     def step(params, structures, stop_rms, slots: Slots) -> Slots:
         running = slots.occupied & jnp.logical_not(slots.finished)
-        carry, forces = scan.forward_frame(force_fn, step_rule, params, structures, slots.state, slots.limit,
+        carry, forces = forward.forward_frame(force_fn, step_rule, params, structures, slots.state, slots.limit,
                                            modifiers, rollout_config, stop_rms=stop_rms)
         moved = carry.num_frames > slots.state.num_frames
         # a row that did not move and has stopped (or is out of frames) sits at its end point now
@@ -134,10 +134,10 @@ def _frame_chunk(force_fn: ForceFn, step_rule: StepRule, modifiers: FrameModifie
 
 @functools.lru_cache(maxsize=16)
 def _start_carry_row(n_atoms: int):
-    """:func:`bptt_mlip.relax.scan.start_carry` of one row of ``n_atoms`` atoms, as numpy (positions zero)."""
+    """:func:`bptt_mlip.relax.forward.start_carry` of one row of ``n_atoms`` atoms, as numpy (positions zero)."""
     one_row = padded_structures(np.zeros((1, n_atoms), np.int32), np.zeros((1, n_atoms, 3), np.float32),
                                 np.zeros((1, 3, 3), np.float32))
-    return jax.tree.map(np.array, scan.start_carry(one_row))
+    return jax.tree.map(np.array, forward.start_carry(one_row))
 
 
 @dataclasses.dataclass(frozen=True)
