@@ -31,8 +31,12 @@ def _base(start_per, grid_per, fire_per, force_rmse=0.2, zero=0.8, fire=True):
             "per_structure_test_dq": per}
 
 
-def _tuned(bptt_per, force_rmse=0.3):
-    return {"relaxation": [_relaxation("BPTT (fixed step)", sum(bptt_per) / 2, 10.0, 2, 1.0)],
+def _tuned(bptt_per, force_rmse=0.3, pretrained_dq=3.0, fire_dq=None):
+    """A variant's results: the pretrained model's row under the same relaxer (best grid step, or FIRE
+    with ``fire_dq``), then the tuned model's."""
+    same = (_relaxation("pretrained, best grid step 0.04", pretrained_dq, 10.0, 2, 0.5) if fire_dq is None
+            else _relaxation("pretrained + FIRE", fire_dq, 10.0, 2, 0.5))
+    return {"relaxation": [same, _relaxation("BPTT (fixed step)", sum(bptt_per) / 2, 10.0, 2, 1.0)],
             "timings_s": {"total_s": 50.0}, "forces": {"bptt": {"force_rmse": force_rmse}},
             "per_structure_test_dq": {"pretrained_best_grid": [0, 0], "bptt": bptt_per}}
 
@@ -44,6 +48,8 @@ def test_fold_row_against_hand_computed_ratios():
     assert row["dq"] == 1.5 and row["dq_ratio"] == pytest.approx(0.5) and row["dq_over_start"] == pytest.approx(1.5 / 8)
     assert row["force_ratio"] == pytest.approx(1.5) and row["pretrained_force_over_zero"] == pytest.approx(0.25)
     assert row["fire_converged"] == 1 and row["pretrained_converged"] == 2 and row["basin_0.1"] == 1.0
+    fire_relaxer = crossval.fold_row(base, _tuned([2.0, 1.0], fire_dq=6.0))  # --relaxer=fire: ratio to FIRE
+    assert fire_relaxer["dq_ratio"] == pytest.approx(0.25) and fire_relaxer["ratio_of"] == "pretrained + FIRE"
     no_fire = crossval.reference_row(_base([10.0, 6.0], [4.0, 2.0], None, fire=False))
     assert math.isnan(no_fire["fire_dq"]) and no_fire["fire_converged"] == 0
 
