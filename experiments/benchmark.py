@@ -35,6 +35,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from experiments import timing
+
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "Reduced sizes (a few minutes on 2 CPU cores); overrides the size flags below.")
 flags.DEFINE_list("sizes", ["small", "published"], "Model sizes: small (bptt_mlip.model.SMALL), published (PUBLISHED).")
@@ -72,8 +74,7 @@ flags.DEFINE_string("out_dir", "runs/benchmark", "Where results.json and results
 flags.DEFINE_string("rss_child", "", "Internal: 'size:K:remat' measures one configuration and prints JSON.")
 
 
-def _load() -> float:
-    return round(os.getloadavg()[0], 2)
+_load = timing.load_1min
 
 
 def machine_info() -> dict:
@@ -100,22 +101,8 @@ def machine_info() -> dict:
     }
 
 
-def timed(fn, repeats: int) -> dict:
-    """Median wall time of ``fn()`` (which must block) over ``repeats`` runs after one warm-up."""
-    fn()
-    times, loads = [], []
-    for _ in range(repeats):
-        loads.append(_load())
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "times_s": times, "loadavg": loads}
-
-
-def _block(x):
-    import jax
-
-    return jax.block_until_ready(x)
+timed = timing.timed
+_block = timing.block
 
 
 # --------------------------------------------------------------------------- setup
@@ -211,15 +198,7 @@ def memory(compiled) -> dict:
 # --------------------------------------------------------------------------- sections
 
 
-def bench_matmul(n: int, repeats: int) -> dict:
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-    f = jax.jit(jnp.dot).lower(a, b).compile()
-    t = timed(lambda: _block(f(a, b)), max(repeats, 5))
-    return {"n": n, **t, "gflops": 2 * n**3 / t["median_s"] / 1e9}
+bench_matmul = timing.dense_matmul
 
 
 def bench_bptt(size: str, frames: list[int], remats: list[str], time_max: int, time_remats, batch_size: int, repeats: int,

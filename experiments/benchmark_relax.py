@@ -39,6 +39,8 @@ flags.DEFINE_integer("relax_batch_size", 16, "Rows per compiled batch (relax_str
 flags.DEFINE_list("buckets", [], "Atom-count buckets of the API (default: the library's, 32, 64, 128, ...).")
 flags.DEFINE_integer("ase_subset", 16, "Structures relaxed by ASE FIRE one at a time (0: skip).")
 flags.DEFINE_string("out", "", "Optional JSON file for the rows.")
+flags.DEFINE_integer("matmul_size", 2048, "n of the n x n float32 matmul that measures the device's dense rate; the "
+                     "API rows report their FLOP rate as a share of it (0: skip).")
 
 DEFAULT_CHECKPOINTS = ("runs/si_cpu/checkpoints/bptt_best", "runs/si_cpu_derived/checkpoints/bptt_best")
 
@@ -139,6 +141,35 @@ def ase_row(objs, model, fire_row: dict | None) -> dict:
     return row
 
 
+def force_call_flops(model, objs, batch_size: int) -> dict:
+    """XLA's FLOP count of one compiled force call on a full batch of ``batch_size`` rows of the
+    bucket that holds ``objs[0]``: ``{"bucket_atoms", "flops_per_slot_frame"}`` (one padded row, one
+    frame; the relax API computes ``slot_frames`` of them). Slots of a larger bucket cost more than this,
+    so a call with mixed buckets gets a lower bound of its FLOP rate."""
+    import jax
+
+    from bptt_mlip import structures
+    from bptt_mlip.data import batching
+
+    n = batching.bucket_atoms(len(objs[0]))
+    first = objs[0]
+    batch = structures.from_arrays([first.get_chemical_symbols()] * batch_size, [first.positions] * batch_size,
+                                   [np.asarray(first.cell)] * batch_size, max_atoms=n)
+    compiled = jax.jit(model.force_fn).lower(model.model_params, batch).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return {"bucket_atoms": n, "flops_per_slot_frame": float(cost.get("flops", 0.0)) / batch_size}
+
+
+def add_matmul_share(rows: list[dict], flops: dict, matmul_gflops: float) -> None:
+    """Achieved GFLOP/s of each API row (its computed slot-frames x the force call's FLOPs per slot-frame,
+    over its wall time) and its share of the dense matmul rate; in place."""
+    for r in rows:
+        if "slot_frames" in r:
+            r["gflops_per_s"] = r["slot_frames"] * flops["flops_per_slot_frame"] / r["wall_s"] / 1e9
+            r["matmul_share"] = r["gflops_per_s"] / matmul_gflops
+
+
 def checkpoint_path() -> str:
     if FLAGS.checkpoint:
         return FLAGS.checkpoint
@@ -167,10 +198,21 @@ def main(argv):
         fire_rows = [r for r in rows if r["method"] == "fire" and r["path"] == "in flight"]
         rows.append(ase_row(objs[: FLAGS.ase_subset], model, fire_rows[0] if fire_rows else None))
         common.info(_line(rows[-1]))
+    extra = {}
+    if FLAGS.matmul_size:
+        from experiments import timing
+
+        extra["matmul"] = timing.dense_matmul(FLAGS.matmul_size, 5)
+        extra["force_call"] = force_call_flops(model, objs, FLAGS.relax_batch_size)
+        add_matmul_share(rows, extra["force_call"], extra["matmul"]["gflops"])
+        for r in rows:
+            if "matmul_share" in r:
+                common.info(f"{r['method']} {r['path']}: {r['gflops_per_s']:.2f} GFLOP/s = "
+                            f"{100 * r['matmul_share']:.1f}% of the {extra['matmul']['gflops']:.1f} GFLOP/s matmul")
     meta = dict(command=common.command_line(), date=time.strftime("%Y-%m-%d %H:%M"), machine=platform.processor()
                 or platform.machine(), cpus=os.cpu_count(), load_1min=os.getloadavg()[0], devices=str(jax.devices()),
                 checkpoint=checkpoint_path(), model=model.config.__class__.__name__, params=model.num_params(),
-                atoms=sorted(set(len(o) for o in objs)))
+                atoms=sorted(set(len(o) for o in objs)), **extra)
     common.info(json.dumps(meta))
     if FLAGS.out:
         Path(FLAGS.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))

@@ -1,0 +1,43 @@
+"""Timing helpers shared by the benchmark scripts (no flags: importable from any of them)."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+
+def load_1min() -> float:
+    """The machine's 1-minute load average (recorded beside every timing)."""
+    return round(os.getloadavg()[0], 2)
+
+
+def block(x):
+    """``jax.block_until_ready``: a timed call must include the device's work."""
+    import jax
+
+    return jax.block_until_ready(x)
+
+
+def timed(fn, repeats: int) -> dict:
+    """Median wall time of ``fn()`` (which must block) over ``repeats`` runs after one warm-up."""
+    fn()
+    times, loads = [], []
+    for _ in range(repeats):
+        loads.append(load_1min())
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "times_s": times, "loadavg": loads}
+
+
+def dense_matmul(n: int, repeats: int) -> dict:
+    """The device's dense float32 rate: an n x n matmul, ``{"n", "median_s", ..., "gflops"}``."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    f = jax.jit(jnp.dot).lower(a, b).compile()
+    t = timed(lambda: block(f(a, b)), max(repeats, 5))
+    return {"n": n, **t, "gflops": 2 * n**3 / t["median_s"] / 1e9}
