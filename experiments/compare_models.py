@@ -27,17 +27,27 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("studies", [], "NAME=CV_DIR pairs: a display name and an experiments.crossval folder.")
 flags.DEFINE_string("variant", "plain", "The crossval variant whose BPTT-tuned relaxations are shown.")
 flags.DEFINE_string("out", "runs/compare", "Output folder.")
+flags.DEFINE_list("folds", [], "Compare only these fold indices (default: the folds every study ran).")
 
 RELAXATIONS = ("start", "pretrained_best_grid", "pretrained_fire", "bptt")
 
 
-def study_per_structure(cv_dir: Path, variant: str) -> dict[str, np.ndarray]:
-    """Per-structure test Dq of one crossval study, folds concatenated in fold order: relaxation name
+def folds_run(cv_dir: Path) -> list[int]:
+    """The folds a study ran: crossval.json's list, or (a study still running) every fold<k>/base with results."""
+    if (cv_dir / "crossval.json").exists():
+        return [int(k) for k in json.loads((cv_dir / "crossval.json").read_text())["folds_run"]]
+    return sorted(int(d.name[4:]) for d in cv_dir.glob("fold*") if (d / "base" / "results.json").exists())
+
+
+def study_per_structure(cv_dir: Path, variant: str, folds: list[int]) -> dict[str, np.ndarray]:
+    """Per-structure test Dq of one crossval study, ``folds`` concatenated in that order: relaxation name
     -> [N]. A relaxation missing from any fold (FIRE not run, older results) is left out."""
-    crossval = json.loads((cv_dir / "crossval.json").read_text())
     per_fold = []
-    for k in crossval["folds_run"]:
-        base = json.loads((cv_dir / f"fold{k}" / "base" / "results.json").read_text())["per_structure_test_dq"]
+    for k in folds:
+        base_path = cv_dir / f"fold{k}" / "base" / "results.json"
+        if not base_path.exists():
+            raise app.UsageError(f"{base_path}: fold {k} was not run in this study (see --folds)")
+        base = json.loads(base_path.read_text())["per_structure_test_dq"]
         tuned_path = cv_dir / f"fold{k}" / variant / "results.json"
         if not tuned_path.exists():
             raise app.UsageError(f"{tuned_path}: no results for variant {variant!r} in fold {k}")
@@ -66,8 +76,8 @@ def parse_studies(pairs: list[str]) -> dict[str, Path]:
         name, sep, path = pair.partition("=")
         if not sep or not name or not path:
             raise app.UsageError(f"--studies entry {pair!r}: expected NAME=CV_DIR")
-        if not (Path(path) / "crossval.json").exists():
-            raise app.UsageError(f"--studies entry {pair!r}: {path}/crossval.json not found (run experiments.crossval)")
+        if not Path(path).is_dir():
+            raise app.UsageError(f"--studies entry {pair!r}: no folder {path} (run experiments.crossval)")
         studies[name] = Path(path)
     if not studies:
         raise app.UsageError("--studies: give at least one NAME=CV_DIR")
@@ -100,13 +110,18 @@ def markdown(summaries: dict[str, dict]) -> str:
 def main(argv):
     del argv
     studies = parse_studies(FLAGS.studies)
-    panels = {name: study_per_structure(path, FLAGS.variant) for name, path in studies.items()}
+    folds = ([int(k) for k in FLAGS.folds] if FLAGS.folds
+             else sorted(set.intersection(*(set(folds_run(path)) for path in studies.values()))))
+    if not folds:
+        raise app.UsageError("the studies share no fold: pass --folds")
+    panels = {name: study_per_structure(path, FLAGS.variant, folds) for name, path in studies.items()}
     check_same_structures(panels)
     out = Path(FLAGS.out)
     out.mkdir(parents=True, exist_ok=True)
     summaries = {name: summary(p) for name, p in panels.items()}
     common.write_json(out / "compare.json", {
-        "command": common.command_line(), "variant": FLAGS.variant, "studies": {k: str(v) for k, v in studies.items()},
+        "command": common.command_line(), "variant": FLAGS.variant, "folds": folds,
+        "studies": {k: str(v) for k, v in studies.items()},
         "summary": summaries,
         "per_structure": {name: {k: v.tolist() for k, v in p.items()} for name, p in panels.items()}})
     text = markdown(summaries)

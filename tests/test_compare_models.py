@@ -96,6 +96,18 @@ def test_compare_models_concatenates_folds_and_plots(tmp_path):
     assert (tmp_path / "out" / "dq_per_structure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_compare_models_uses_the_folds_every_study_ran(tmp_path):
+    _write_study(tmp_path / "a", [[10.0, 6.0], [8.0, 4.0]], [[1.0, 2.0], [3.0, 5.0]])
+    _write_study(tmp_path / "b", [[10.0, 6.0]], [[4.0, 4.0]])
+    (tmp_path / "b" / "crossval.json").unlink()  # a study still running: its finished folds count
+    proc = _compare(f"--studies=A={tmp_path / 'a'},B={tmp_path / 'b'}", f"--out={tmp_path / 'out'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert out["folds"] == [0] and out["summary"]["A"]["bptt"]["mean"] == 1.5
+    missing = _compare(f"--studies=A={tmp_path / 'a'},B={tmp_path / 'b'}", "--folds=0,1", f"--out={tmp_path / 'o2'}")
+    assert missing.returncode != 0 and "fold 1 was not run" in missing.stderr
+
+
 def test_compare_models_refuses_studies_of_other_structures(tmp_path):
     _write_study(tmp_path / "a", [[10.0, 6.0]], [[1.0, 2.0]])
     _write_study(tmp_path / "b", [[9.0, 6.0]], [[1.0, 2.0]])
