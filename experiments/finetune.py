@@ -120,7 +120,9 @@ def finetune_bptt(workdir: Path, cfg, normalizer, force_fn, model_params, best_s
                                                            eval_rollout, batch_size=batch)
         eta = step_rule.scalar_step_size(best_params["step_rule"])
         learned = None if eta is None else float(eta)
-        setting = f"BPTT ({FLAGS.step_kind} step" + (f", eta={learned:.4g})" if learned else ")")
+        tuned_by = {"bptt": "BPTT", "implicit": "implicit gradients",
+                    "guided": f"guided: BPTT of {FLAGS.unroll_frames} frames + implicit"}[FLAGS.gradient]
+        setting = f"{tuned_by} ({FLAGS.step_kind} step" + (f", eta={learned:.4g})" if learned else ")")
     return BPTTResult(best_params, bptt_history, skipped_steps, bptt_summary, bptt_per, setting, step_rule, modifiers)
 
 

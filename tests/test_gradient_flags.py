@@ -15,7 +15,8 @@ def test_guided_gradient_runs_end_to_end_and_logs_the_implicit_metrics(tmp_path)
     proc = run("finetune", f"--workdir={workdir}", "--gradient=guided", "--unroll_frames=2", "--fire=false",
                *DATA_FLAGS, *MODEL_FLAGS, *PRETRAIN_FLAGS, *RUN_FLAGS)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert json.loads((workdir / "results.json").read_text())["relaxation"]
+    rows = json.loads((workdir / "results.json").read_text())["relaxation"]
+    assert rows[-1]["setting"].startswith("guided: BPTT of 2 frames + implicit")  # the table names the gradient
     steps = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     steps = [s for s in steps if s["phase"] == "bptt_step"]
     assert steps and all(name in steps[0] for name in IMPLICIT_COUNTS), sorted(steps[0])
