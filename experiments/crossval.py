@@ -57,6 +57,7 @@ VARIANTS: dict[str, list[str]] = {
     # how the end-point loss is differentiated (the frame map relaxes in every one)
     "implicit": ["--gradient=implicit"],  # implicit function theorem at converged end points only
     "guided": ["--gradient=guided", "--unroll_frames=15"],  # BPTT through 15 frames + the implicit tail
+    "guided_force_1": ["--gradient=guided", "--unroll_frames=15", "--force_weight=1"],
     # BPTT through FIRE; the ratio is then to the pretrained model's FIRE
     "fire": ["--relaxer=fire", "--fire=true"],
 }
