@@ -3,7 +3,7 @@ when every structure has stopped, FIRE, the vmapped grid search.
 
 Generic over the force model: every function takes a ``force_fn(params, structures)``."""
 
-from bptt_mlip.relax.forward import forward_frame, relax_until_done, start_carry
+from bptt_mlip.relax.forward import forward_frame, relax_forward, relax_until_done, start_carry
 from bptt_mlip.relax.scan import (
     FrameModifiers,
     RolloutConfig,

@@ -59,6 +59,16 @@ def relax_until_done(
     return RolloutResult(carry.positions, carry.num_frames, carry.converged, carry.diverged, carry.last_rms, None)
 
 
+def relax_forward(force_fn: ForceFn, step_rule: StepRule, params: Params, structures: Structures,
+                  modifiers: FrameModifiers = FrameModifiers(), rollout_config: RolloutConfig = RolloutConfig(), *,
+                  key: jax.Array | None = None) -> RolloutResult:
+    """A relaxation where no gradient is needed, as ``rollout_config`` asks: :func:`relax_until_done` with
+    ``early_exit`` (computing stops once every structure has stopped), else :func:`scan.rollout` (every
+    one of ``max_frames`` frames). Evaluation tables and the grid search relax through this."""
+    relax = relax_until_done if rollout_config.early_exit else scan.rollout
+    return relax(force_fn, step_rule, params, structures, modifiers, rollout_config, key=key)
+
+
 def start_carry(structures: Structures) -> _Carry:
     """The state :func:`scan.rollout` starts from (positions = ``structures.positions``, nothing
     stopped), for :func:`forward_frame`; a NamedTuple of [B, ...] arrays: positions, previous, done, converged,

@@ -56,12 +56,10 @@ def grid_search(
     fixed = step_rules.FixedStep()  # its step size is the traced parameter eta: one computation serves every eta
     config = dataclasses.replace(rollout_config, return_trajectory=False)
     s = batch.initial
-    # forward only: with early exit, stop each (vmapped) batch's frames once all its structures stopped
-    relax = forward.relax_until_done if config.early_exit else scan.rollout
 
     def one(eta):
         params = {"model": model_params, "step_rule": {"eta": eta}}
-        res = relax(force_fn, fixed, params, s, scan.FrameModifiers(), config)
+        res = forward.relax_forward(force_fn, fixed, params, s, scan.FrameModifiers(), config)
         dq = losses.delta_q(res.positions, batch.target_positions, s.masses, s.mask)
         return dq, res.num_frames, res.converged, res.diverged
 

@@ -74,8 +74,8 @@ def make_relax_eval(
     @jax.jit
     def run(params, batch: RelaxationBatch, key):
         s = batch.initial
-        relax = forward.relax_until_done if rollout_config.early_exit else scan.rollout
-        res = relax(force_fn, step_rule, params, s, modifiers, rollout_config, key=key if modifiers.noise_std else None)
+        res = forward.relax_forward(force_fn, step_rule, params, s, modifiers, rollout_config,
+                                    key=key if modifiers.noise_std else None)
         return {
             "dq": losses.delta_q(res.positions, batch.target_positions, s.masses, s.mask),
             "dq_initial": losses.delta_q(s.positions, batch.target_positions, s.masses, s.mask),
