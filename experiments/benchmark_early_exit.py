@@ -42,7 +42,7 @@ from absl import app, flags
 from bptt_mlip.data import batching
 from bptt_mlip.relax import grid, scan, step_rules
 from bptt_mlip.training import evaluate, loops, optim, steps
-from experiments import common, configs
+from experiments import common, configs, timing
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("run_dir", "runs/si_cpu_derived", "Finished main job: config.json, results.json, checkpoints/.")
@@ -161,15 +161,7 @@ def grid_skips_frames(force_fn, model_params, batch, steps_: Sequence[float], ro
 # --------------------------------------------------------------------------- timing
 
 
-_COMPILES = [0]  # XLA backend compiles so far (JAX's monitoring events; the listener is registered once)
-
-
-def _count_compile(event: str, duration: float, **kwargs) -> None:
-    if event == "/jax/core/compile/backend_compile_duration":
-        _COMPILES[0] += 1
-
-
-jax.monitoring.register_event_duration_secs_listener(_count_compile)
+COMPILES = timing.CompileCounter()  # XLA backend compiles of this process (one listener)
 
 
 def timed_second_call(fn: Callable[[], Any]) -> tuple[Any, dict]:
@@ -177,10 +169,10 @@ def timed_second_call(fn: Callable[[], Any]) -> tuple[Any, dict]:
     "compiles"}``); ``compiles`` counts XLA compiles inside the timed call (a function that builds a new jitted
     function per call, as ``evaluate.grid_table`` does, compiles again there: from JAX's persistent cache if on)."""
     jax.block_until_ready(fn())
-    load, before = os.getloadavg()[0], _COMPILES[0]
+    load, _ = timing.load_1min(), COMPILES.reset()
     t0 = time.perf_counter()
     out = jax.block_until_ready(fn())
-    return out, {"wall_s": time.perf_counter() - t0, "load_1min": load, "compiles": _COMPILES[0] - before}
+    return out, {"wall_s": time.perf_counter() - t0, "load_1min": load, "compiles": COMPILES.reset()}
 
 
 def max_abs_difference(a, b) -> float:
@@ -244,14 +236,9 @@ def grid_section(setup: Setup) -> list[dict]:
         tables[early_exit] = timed_second_call(lambda: evaluate.grid_table(
             r.force_fn, model_params, setup.grid_trajs, setup.grid_steps, rollout, batch_size=setup.batch_size))
     skips = grid_skips_frames(r.force_fn, model_params, batches[0], setup.grid_steps, setup.rollout)
-    if skips:  # per-row stop reasons are needed only when a batch can stop early
-        run = make_accounting_run(Relaxer(r.force_fn, step_rules.FixedStep(), None), setup.rollout, over_steps=True)
-        etas = jnp.asarray(setup.grid_steps, jnp.float32)
-        accounted = [jax.device_get(run(model_params, b, etas)) for b in batches]
-    else:  # every frame is computed anyway; the table's frame counts give what was needed
-        per = tables[True][0]
-        accounted = [{"num_frames": per["num_frames"], "converged": per["converged"],
-                      "last_rms": np.zeros(per["num_frames"].shape), "weight": np.ones(per["num_frames"].shape[1])}]
+    run = make_accounting_run(Relaxer(r.force_fn, step_rules.FixedStep(), None), setup.rollout, over_steps=True)
+    etas = jnp.asarray(setup.grid_steps, jnp.float32)
+    accounted = [jax.device_get(run(model_params, b, etas)) for b in batches]
     counts = frame_counts(accounted, setup.rollout.max_frames, setup.rollout.stop_rms, skips_frames=skips)
     agree = {"max_abs_diff_dq": max_abs_difference(tables[False][0]["dq"], tables[True][0]["dq"]),
              "num_frames_equal": bool(np.array_equal(tables[False][0]["num_frames"], tables[True][0]["num_frames"]))}
@@ -289,11 +276,11 @@ def epoch_section(setup: Setup) -> list[dict]:
             shapes.setdefault(b.initial.positions.shape, b)
         for b in shapes.values():  # twice: the state after an update may trace anew (weak types of the initial one)
             jax.block_until_ready(trainer.update(trainer.update(state0, b)[0], b))
-        load, before, t0 = os.getloadavg()[0], _COMPILES[0], time.perf_counter()
+        load, _, t0 = timing.load_1min(), COMPILES.reset(), time.perf_counter()
         state, metrics, starts = _run_epoch(trainer.update, state0, batches)
         jax.block_until_ready(state)
         runs[early_exit] = (state, metrics, starts, {"wall_s": time.perf_counter() - t0, "load_1min": load,
-                                                     "compiles": _COMPILES[0] - before})
+                                                     "compiles": COMPILES.reset()})
     replay = make_accounting_run(Relaxer(_force_fn_of(setup), setup.epoch_rule, None, setup.bptt.modifiers),
                                  dataclasses.replace(setup.bptt.rollout, remat="none", early_exit=True))
     _, metrics, starts, _ = runs[True]

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from experiments import common
+from experiments import common, timing
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("n", 200, "Structures per API call.")
@@ -68,25 +68,7 @@ def start_structures(n: int, generated: int, rattle: float, seed: int = 0) -> li
     return out
 
 
-class CompileCounter:
-    """Counts XLA backend compiles (JAX's monitoring events) between ``reset()`` calls."""
-
-    def __init__(self):
-        import jax
-
-        self.count = 0
-        jax.monitoring.register_event_duration_secs_listener(self._listen)
-
-    def _listen(self, event: str, duration: float, **kwargs) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            self.count += 1
-
-    def reset(self) -> int:
-        count, self.count = self.count, 0
-        return count
-
-
-def api_row(objs, model, method: str, in_flight: bool, compiles: CompileCounter) -> dict:
+def api_row(objs, model, method: str, in_flight: bool, compiles: timing.CompileCounter) -> dict:
     from bptt_mlip.workflow import api
 
     kw = dict(method=method, batch_size=FLAGS.relax_batch_size, in_flight=in_flight, progress=False,
@@ -188,7 +170,7 @@ def main(argv):
 
     model = api.TrainedModel.load(checkpoint_path())
     objs = start_structures(FLAGS.n, FLAGS.generated, FLAGS.rattle)
-    compiles = CompileCounter()
+    compiles = timing.CompileCounter()
     rows = []
     for method in FLAGS.methods:
         for in_flight in (True, False):
@@ -200,8 +182,6 @@ def main(argv):
         common.info(_line(rows[-1]))
     extra = {}
     if FLAGS.matmul_size:
-        from experiments import timing
-
         extra["matmul"] = timing.dense_matmul(FLAGS.matmul_size, 5)
         extra["force_call"] = force_call_flops(model, objs, FLAGS.relax_batch_size)
         add_matmul_share(rows, extra["force_call"], extra["matmul"]["gflops"])

@@ -41,3 +41,22 @@ def dense_matmul(n: int, repeats: int) -> dict:
     f = jax.jit(jnp.dot).lower(a, b).compile()
     t = timed(lambda: block(f(a, b)), max(repeats, 5))
     return {"n": n, **t, "gflops": 2 * n**3 / t["median_s"] / 1e9}
+
+
+class CompileCounter:
+    """Counts XLA backend compiles (JAX's monitoring events) from its creation on; ``reset()`` returns the
+    count since the last reset and starts again."""
+
+    def __init__(self):
+        import jax
+
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+    def _listen(self, event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+
+    def reset(self) -> int:
+        count, self.count = self.count, 0
+        return count
