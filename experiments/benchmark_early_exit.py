@@ -1,7 +1,9 @@
-"""What early exit inside the differentiable rollout saves: evaluation tables, the step-size grid search and
-one BPTT epoch, each with ``RolloutConfig(early_exit=False)`` (every one of ``max_frames`` frames computed for
-every batch) and ``early_exit=True`` (a ``lax.cond`` in the scan skips the force call, forward and backward, once
-the whole batch has stopped).
+"""What early exit inside the differentiable rollout and compaction of its force calls save: evaluation tables,
+the step-size grid search and one BPTT epoch, each with ``RolloutConfig(early_exit=False)`` (every one of
+``max_frames`` frames computed for every batch), ``early_exit=True`` (a ``lax.cond`` in the scan skips the force
+call, forward and backward, once the whole batch has stopped; forward-only tables stop in a while loop) and, but
+for the grid search, early exit with ``compact_levels`` (each frame calls the model only on the rows still running,
+in the smallest of B, B/2, ... rows that holds them: :mod:`bptt_mlip.relax.compaction`).
 
     nice -n 10 python -m experiments.benchmark_early_exit --out=/tmp/benchmark_early_exit.json
 
@@ -18,9 +20,10 @@ the same split, ``max_frames``, batch size and remat. Sections (``--sections``):
 Every function is compiled and run once before the timed call (the epoch: one update per batch shape, then a
 full epoch from the initial state). Structure-frames: ``needed`` is the sum of the frames each real structure took;
 ``computed`` is, per batch, the frames until the whole batch had stopped (early exit) or ``max_frames`` (without),
-times the batch's real rows. Under ``vmap`` a ``cond`` runs both branches, so the grid search saves frames only if
-its compiled program keeps a ``cond`` (``skips_frames`` in the rows). The end points (eval, grid) and the losses
-and final parameters (epoch) of the two settings are compared (max abs difference; float32 rounding expected).
+times the batch's real rows; with compaction, the sub-batch rows each frame ran (padding rows included). Under
+``vmap`` a ``cond`` runs both branches, so the grid search saves frames only if its compiled program keeps a ``cond``
+(``skips_frames`` in the rows). The end points (eval, grid) and the losses and final parameters (epoch) of each
+setting are compared with the full scan (max abs difference; float32 rounding expected).
 Prints a Markdown table; ``--out`` writes JSON. ``--quick``: a few structures, ``max_frames`` 20, 2 grid steps.
 """
 
@@ -40,7 +43,7 @@ import numpy as np
 from absl import app, flags
 
 from bptt_mlip.data import batching
-from bptt_mlip.relax import grid, scan, step_rules
+from bptt_mlip.relax import compaction, grid, scan, step_rules
 from bptt_mlip.training import evaluate, loops, optim, steps
 from experiments import common, configs, timing
 
@@ -78,6 +81,8 @@ class Setup:
       rollout: the evaluation's rollout (stop rule, ``max_frames``; remat off); ``early_exit`` is set per run.
       epoch_start: ``{"model": ..., "step_rule": ...}`` the BPTT epoch starts from, with ``epoch_rule``.
       bptt: the trainer's config (its rollout's remat is the main job's); optim: its optimiser.
+      compact_levels: the halvings of the third setting, early exit with compaction of the force calls
+        (``RolloutConfig.compact_levels``).
     """
 
     relaxers: dict
@@ -92,6 +97,16 @@ class Setup:
     optim: optim.OptimConfig
     batch_size: int
     seed: int = 0
+    compact_levels: int = 2
+
+    def settings(self, section: str) -> tuple[tuple[str, dict], ...]:
+        """(name, ``RolloutConfig`` fields) of the settings compared: every frame computed, early exit, and
+        (not for the grid search, which turns compaction off under ``vmap``) early exit with compaction."""
+        out = (("full scan", {"early_exit": False, "compact_levels": 0}),
+               ("early exit", {"early_exit": True, "compact_levels": 0}))
+        if section != "grid" and self.compact_levels:
+            out += (("early exit + compaction", {"early_exit": True, "compact_levels": self.compact_levels}),)
+        return out
 
 
 # --------------------------------------------------------------------------- frame accounting
@@ -107,15 +122,18 @@ def frames_until_stopped(num_frames, converged, last_rms, stop_rms: float, max_f
     return np.where(by_movement, num_frames, np.minimum(num_frames + 1, max_frames))
 
 
-def frame_counts(batches: Sequence[dict], max_frames: int, stop_rms: float, *, skips_frames: bool = True) -> dict:
+def frame_counts(batches: Sequence[dict], max_frames: int, stop_rms: float, *, skips_frames: bool = True,
+                 compact_levels: int = 0) -> dict:
     """Structure-frames needed and computed over ``batches``, each a dict of ``num_frames``, ``converged``,
     ``last_rms`` ([..., B], leading axes such as grid steps allowed) and ``weight`` [B] (0 on padding rows).
 
     A batch without early exit computes ``max_frames`` frames for each real row (and each leading index); with it,
     the frames until every row of the batch (all leading indices together) had stopped, or ``max_frames`` when
-    ``skips_frames`` is False (a ``cond`` turned into a select under ``vmap``). Returns ``{"needed",
-    "computed_without", "computed_with"}``."""
-    needed = computed_without = computed_with = 0
+    ``skips_frames`` is False (a ``cond`` turned into a select under ``vmap``). With ``compact_levels`` (no leading
+    axes), ``computed_compact`` is the sub-batch rows of every frame until the batch stopped: per frame the
+    smallest of ``compaction.sub_batch_sizes`` holding the rows still running, padding rows (which stop in their
+    first frame) included. Returns ``{"needed", "computed_without", "computed_with"}`` (and ``"computed_compact"``)."""
+    needed = computed_without = computed_with = computed_compact = 0
     for b in batches:
         real = np.asarray(b["weight"]) > 0
         copies = int(np.prod(np.shape(b["num_frames"])[:-1]))  # leading axes: every copy is a relaxation
@@ -124,7 +142,12 @@ def frame_counts(batches: Sequence[dict], max_frames: int, stop_rms: float, *, s
         needed += int(np.sum(np.asarray(b["num_frames"])[..., real]))
         computed_without += max_frames * rows
         computed_with += (int(frames.max()) if skips_frames else max_frames) * rows
-    return {"needed": needed, "computed_without": computed_without, "computed_with": computed_with}
+        if compact_levels:
+            sizes = compaction.sub_batch_sizes(frames.shape[-1], compact_levels)
+            running = [int(np.sum(frames > t)) for t in range(int(frames.max()))]
+            computed_compact += sum(min(size for size in sizes if size >= count) for count in running)
+    out = {"needed": needed, "computed_without": computed_without, "computed_with": computed_with}
+    return {**out, "computed_compact": computed_compact} if compact_levels else out
 
 
 def make_accounting_run(relaxer: Relaxer, rollout: scan.RolloutConfig, *, over_steps: bool = False):
@@ -189,9 +212,11 @@ def max_abs_difference(a, b) -> float:
     return worst
 
 
-def _row(section: str, what: str, early_exit: bool, timing: dict, counts: dict, **extra) -> dict:
-    computed = counts["computed_with"] if early_exit else counts["computed_without"]
-    return {"section": section, "what": what, "early_exit": early_exit, **timing, "frames_needed": counts["needed"],
+def _row(section: str, what: str, setting: tuple[str, dict], timing: dict, counts: dict, **extra) -> dict:
+    name, fields = setting
+    computed = counts["computed_compact" if fields["compact_levels"] else
+                      "computed_with" if fields["early_exit"] else "computed_without"]
+    return {"section": section, "what": what, "setting": name, **fields, **timing, "frames_needed": counts["needed"],
             "frames_computed": computed, "computed_over_needed": computed / max(counts["needed"], 1), **extra}
 
 
@@ -203,25 +228,28 @@ def _batches(trajs, batch_size: int) -> list:
 
 
 def eval_section(setup: Setup) -> list[dict]:
-    """``evaluate.relaxation_table`` of the test split with every relaxer, without and with early exit."""
+    """``evaluate.relaxation_table`` of the test split with every relaxer in every setting; differences are to
+    the full scan."""
     rows, batches = [], _batches(setup.test, setup.batch_size)
+    settings = setup.settings("eval")
     for name, r in setup.relaxers.items():
         ends, tables = {}, {}
-        for early_exit in (False, True):
-            rollout = dataclasses.replace(setup.rollout, early_exit=early_exit)
+        for label, fields in settings:
+            rollout = dataclasses.replace(setup.rollout, **fields)
             (summary, per), timing = timed_second_call(lambda: evaluate.relaxation_table(
                 r.force_fn, r.step_rule, r.params, setup.test, r.modifiers, rollout, batch_size=setup.batch_size))
             run = make_accounting_run(r, rollout)
             accounted = [jax.device_get(run(r.params, b)) for b in batches]
-            ends[early_exit], tables[early_exit] = [a["positions"] for a in accounted], (summary, per, timing)
-        counts = frame_counts(accounted, setup.rollout.max_frames, setup.rollout.stop_rms)
-        agree = {"max_abs_diff_positions": max_abs_difference(ends[False], ends[True]),
-                 "max_abs_diff_dq": max_abs_difference(tables[False][1]["dq"], tables[True][1]["dq"]),
-                 "num_frames_equal": bool(np.array_equal(tables[False][1]["num_frames"],
-                                                         tables[True][1]["num_frames"]))}
-        for early_exit in (False, True):
-            summary, _, timing = tables[early_exit]
-            rows.append(_row("eval", f"test split, {name}", early_exit, timing, counts, structures=len(setup.test),
+            ends[label], tables[label] = [a["positions"] for a in accounted], (summary, per, timing)
+        counts = frame_counts(accounted, setup.rollout.max_frames, setup.rollout.stop_rms,
+                              compact_levels=setup.compact_levels)
+        full = settings[0][0]
+        for setting in settings:
+            summary, per, timing = tables[setting[0]]
+            agree = {"max_abs_diff_positions": max_abs_difference(ends[full], ends[setting[0]]),
+                     "max_abs_diff_dq": max_abs_difference(tables[full][1]["dq"], per["dq"]),
+                     "num_frames_equal": bool(np.array_equal(tables[full][1]["num_frames"], per["num_frames"]))}
+            rows.append(_row("eval", f"test split, {name}", setting, timing, counts, structures=len(setup.test),
                              mean_dq=summary["mean_dq"], mean_frames=summary["mean_frames"], **agree))
     return rows
 
@@ -231,21 +259,24 @@ def grid_section(setup: Setup) -> list[dict]:
     r = next(iter(setup.relaxers.values()))
     model_params, rows, tables = r.params["model"], [], {}
     batches = _batches(setup.grid_trajs, setup.batch_size)
-    for early_exit in (False, True):
-        rollout = dataclasses.replace(setup.rollout, early_exit=early_exit)
-        tables[early_exit] = timed_second_call(lambda: evaluate.grid_table(
+    settings = setup.settings("grid")
+    for label, fields in settings:
+        rollout = dataclasses.replace(setup.rollout, **fields)
+        tables[label] = timed_second_call(lambda: evaluate.grid_table(
             r.force_fn, model_params, setup.grid_trajs, setup.grid_steps, rollout, batch_size=setup.batch_size))
     skips = grid_skips_frames(r.force_fn, model_params, batches[0], setup.grid_steps, setup.rollout)
-    run = make_accounting_run(Relaxer(r.force_fn, step_rules.FixedStep(), None), setup.rollout, over_steps=True)
+    run = make_accounting_run(Relaxer(r.force_fn, step_rules.FixedStep(), None),
+                              dataclasses.replace(setup.rollout, compact_levels=0), over_steps=True)
     etas = jnp.asarray(setup.grid_steps, jnp.float32)
     accounted = [jax.device_get(run(model_params, b, etas)) for b in batches]
     counts = frame_counts(accounted, setup.rollout.max_frames, setup.rollout.stop_rms, skips_frames=skips)
-    agree = {"max_abs_diff_dq": max_abs_difference(tables[False][0]["dq"], tables[True][0]["dq"]),
-             "num_frames_equal": bool(np.array_equal(tables[False][0]["num_frames"], tables[True][0]["num_frames"]))}
-    for early_exit in (False, True):
-        table, timing = tables[early_exit]
+    full = tables[settings[0][0]][0]
+    for setting in settings:
+        table, timing = tables[setting[0]]
+        agree = {"max_abs_diff_dq": max_abs_difference(full["dq"], table["dq"]),
+                 "num_frames_equal": bool(np.array_equal(full["num_frames"], table["num_frames"]))}
         rows.append(_row("grid", f"{len(setup.grid_steps)} steps x {len(setup.grid_trajs)} training trajectories",
-                         early_exit, timing, counts, skips_frames=skips, structures=len(setup.grid_trajs),
+                         setting, timing, counts, skips_frames=skips, structures=len(setup.grid_trajs),
                          best_step=float(table["step_sizes"][int(np.argmin(table["mean_dq"]))]), **agree))
     return rows
 
@@ -261,38 +292,50 @@ def _run_epoch(update, state, batches) -> tuple[Any, list, list]:
     return state, metrics, starts
 
 
+def _timed_epoch(setup: Setup, config: steps.BPTTConfig, batches: list) -> tuple:
+    """One epoch of the BPTT trainer of ``config`` over ``batches``, every batch shape compiled first: (final
+    state, per-update metrics, the parameters each update started from, timing)."""
+    trainer = steps.make_bptt_trainer(_force_fn_of(setup), setup.epoch_rule, config, optim.make_optimizer(setup.optim))
+    state0 = trainer.init(setup.epoch_start, jax.random.PRNGKey(setup.seed))
+    shapes = {}
+    for b in batches:  # compile every batch shape first
+        shapes.setdefault(b.initial.positions.shape, b)
+    for b in shapes.values():  # twice: the state after an update may trace anew (weak types of the initial one)
+        jax.block_until_ready(trainer.update(trainer.update(state0, b)[0], b))
+    load, _, t0 = timing.load_1min(), COMPILES.reset(), time.perf_counter()
+    state, metrics, starts = _run_epoch(trainer.update, state0, batches)
+    jax.block_until_ready(state)
+    return state, metrics, starts, {"wall_s": time.perf_counter() - t0, "load_1min": load, "compiles": COMPILES.reset()}
+
+
 def epoch_section(setup: Setup) -> list[dict]:
-    """One BPTT epoch over ``setup.train`` in the main job's first-epoch order, without and with early exit."""
+    """One BPTT epoch over ``setup.train`` in the main job's first-epoch order, in every setting; differences
+    are to the full scan."""
     order, _ = loops._relaxation_epochs(setup.train, setup.batch_size, batching.DEFAULT_BUCKETS, setup.seed, 0)
     batches = list(order(0))
-    runs = {}
-    for early_exit in (False, True):
-        config = dataclasses.replace(setup.bptt, rollout=dataclasses.replace(setup.bptt.rollout, early_exit=early_exit))
-        trainer = steps.make_bptt_trainer(_force_fn_of(setup), setup.epoch_rule, config,
-                                          optim.make_optimizer(setup.optim))
-        state0 = trainer.init(setup.epoch_start, jax.random.PRNGKey(setup.seed))
-        shapes = {}
-        for b in batches:  # compile every batch shape first
-            shapes.setdefault(b.initial.positions.shape, b)
-        for b in shapes.values():  # twice: the state after an update may trace anew (weak types of the initial one)
-            jax.block_until_ready(trainer.update(trainer.update(state0, b)[0], b))
-        load, _, t0 = timing.load_1min(), COMPILES.reset(), time.perf_counter()
-        state, metrics, starts = _run_epoch(trainer.update, state0, batches)
-        jax.block_until_ready(state)
-        runs[early_exit] = (state, metrics, starts, {"wall_s": time.perf_counter() - t0, "load_1min": load,
-                                                     "compiles": COMPILES.reset()})
+    settings = setup.settings("epoch")
+    runs = {label: _timed_epoch(setup, dataclasses.replace(
+                setup.bptt, rollout=dataclasses.replace(setup.bptt.rollout, **fields)), batches)
+            for label, fields in settings}
     replay = make_accounting_run(Relaxer(_force_fn_of(setup), setup.epoch_rule, None, setup.bptt.modifiers),
-                                 dataclasses.replace(setup.bptt.rollout, remat="none", early_exit=True))
-    _, metrics, starts, _ = runs[True]
+                                 dataclasses.replace(setup.bptt.rollout, remat="none", early_exit=True,
+                                                     compact_levels=0))
+    _, metrics, starts, _ = runs[settings[1][0]]
     accounted = [jax.device_get(replay(p, b)) for p, b in zip(starts, batches)]
-    counts = frame_counts(accounted, setup.bptt.rollout.max_frames, setup.bptt.rollout.stop_rms)
+    counts = frame_counts(accounted, setup.bptt.rollout.max_frames, setup.bptt.rollout.stop_rms,
+                          compact_levels=setup.compact_levels)
     needed_trainer = sum(float(m["frames"]) * float(np.sum(np.asarray(b.weight) > 0)) for m, b in zip(metrics, batches))
-    agree = {"max_abs_diff_loss": max_abs_difference([m["loss"] for m in runs[False][1]], [m["loss"] for m in metrics]),
-             "max_abs_diff_params": max_abs_difference(runs[False][0].params, runs[True][0].params)}
-    return [_row("epoch", f"BPTT epoch, {len(batches)} batches, remat {setup.bptt.rollout.remat}", early_exit,
-                 runs[early_exit][3], counts, structures=len(setup.train), frames_needed_trainer=round(needed_trainer),
-                 mean_loss=float(np.mean([m["loss"] for m in runs[early_exit][1]])), **agree)
-            for early_exit in (False, True)]
+    full = runs[settings[0][0]]
+    rows = []
+    for setting in settings:
+        state, metrics_, _, timing_ = runs[setting[0]]
+        losses_ = [m["loss"] for m in metrics_]
+        rows.append(_row("epoch", f"BPTT epoch, {len(batches)} batches, remat {setup.bptt.rollout.remat}", setting,
+                         timing_, counts, structures=len(setup.train), frames_needed_trainer=round(needed_trainer),
+                         mean_loss=float(np.mean(losses_)),
+                         max_abs_diff_loss=max_abs_difference([m["loss"] for m in full[1]], losses_),
+                         max_abs_diff_params=max_abs_difference(full[0].params, state.params)))
+    return rows
 
 
 def _force_fn_of(setup: Setup):
@@ -304,32 +347,33 @@ SECTION_RUNS = {"eval": eval_section, "grid": grid_section, "epoch": epoch_secti
 
 
 def benchmark(setup: Setup, sections: Sequence[str] = SECTIONS) -> list[dict]:
-    """The rows of every section in ``sections`` (two per table: without, then with early exit)."""
+    """The rows of every section in ``sections`` (per table one row per :meth:`Setup.settings`, full scan first)."""
     unknown = [s for s in sections if s not in SECTION_RUNS]
     if unknown:
         raise ValueError(f"unknown sections {unknown}; choose from {list(SECTION_RUNS)}")
     rows = []
     for name in sections:
-        rows += SECTION_RUNS[name](setup)
-        for row in rows[-2:]:
-            common.info(f"{row['section']} {row['what']} early_exit={row['early_exit']}: {row['wall_s']:.2f} s, "
+        new = SECTION_RUNS[name](setup)
+        for row in new:
+            common.info(f"{row['section']} {row['what']}, {row['setting']}: {row['wall_s']:.2f} s, "
                         f"frames computed {row['frames_computed']} / needed {row['frames_needed']}")
+        rows += new
     return rows
 
 
 def markdown(rows: Sequence[dict]) -> str:
-    """A Markdown table of the rows, with the speed-up of early exit on its row."""
-    head = ["section", "what", "early exit", "wall s", "compiles in it", "speed-up", "frames computed", "needed",
+    """A Markdown table of the rows, with each setting's speed-up over the full scan of the same table."""
+    head = ["section", "what", "setting", "wall s", "compiles in it", "speed-up", "frames computed", "needed",
             "computed / needed", "load (1 min)", "max abs difference"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    without = {}
+    full = {}
     for r in rows:
         key = (r["section"], r["what"])
         if not r["early_exit"]:
-            without[key] = r["wall_s"]
-        speed = f"{without[key] / r['wall_s']:.2f}x" if r["early_exit"] and key in without else ""
+            full[key] = r["wall_s"]
+        speed = f"{full[key] / r['wall_s']:.2f}x" if r["early_exit"] and key in full else ""
         diff = ", ".join(f"{k[13:]} {v:.2g}" for k, v in r.items() if k.startswith("max_abs_diff"))
-        lines.append(f"| {r['section']} | {r['what']} | {'yes' if r['early_exit'] else 'no'} | {r['wall_s']:.2f} | "
+        lines.append(f"| {r['section']} | {r['what']} | {r['setting']} | {r['wall_s']:.2f} | "
                      f"{r['compiles']} | "
                      f"{speed} | {r['frames_computed']} | {r['frames_needed']} | {r['computed_over_needed']:.2f} | "
                      f"{r['load_1min']:.2f} | {diff} |")
@@ -396,11 +440,13 @@ def setup_from_run(run_dir: Path) -> tuple[Setup, dict]:
                              "BPTT through the frame map from first frames only")
     start = {"model": pre.model_params, "step_rule": rule.init(jax.random.PRNGKey(v["seed"] + 2))}
     setup = Setup(relaxers, test, grid_trajs, grid_steps, train, configs.rollout_config(v, remat="none"), start, rule,
-                  bptt, configs.bptt_optim_config(v), int(v["batch_size"]), int(v["seed"]))
+                  bptt, configs.bptt_optim_config(v), int(v["batch_size"]), int(v["seed"]),
+                  int(v.get("compact_levels", 2)))
     used = {"run_dir": str(run_dir), "pretrained_checkpoint": str(pre_dir), "checkpoint": str(tuned_dir),
             "best_grid_step": best_step, "grid_steps": grid_steps, "max_frames": int(v["max_frames"]),
             "stop_rms": float(v["stop_rms"]), "stop_fmax": float(v["stop_fmax"]), "remat": v["remat"],
             "batch_size": int(v["batch_size"]), "seed": int(v["seed"]), "quick": bool(FLAGS.quick),
+            "compact_levels": setup.compact_levels,
             "structures": {"test": len(test), "grid": len(grid_trajs), "train": len(train)},
             "model": type(pre.config).__name__, "params": pre.num_params()}
     return setup, used

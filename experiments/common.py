@@ -78,6 +78,9 @@ flags.DEFINE_float("stop_rms", 1e-3, "Stop a structure when its RMS movement in 
 flags.DEFINE_float("stop_fmax", 0.0, "Also stop a structure once the largest force on its atoms is below this (eV/Å; "
                    "the ASE fmax rule, checked before each frame); 0 = off.")
 flags.DEFINE_enum("remat", "frame", ["none", "frame", "segment"], "Rematerialisation of the rollout in BPTT.")
+flags.DEFINE_integer("compact_levels", 2, "Call the force model only on the structures still running, in the "
+                     "smallest of batch_size, batch_size/2, ... (at most this many halvings) rows that holds them "
+                     "(RolloutConfig.compact_levels; 0 = every frame on the whole batch).")
 flags.DEFINE_integer("batch_size", 8, "Structures per BPTT / evaluation batch.")
 
 # ---- devices

@@ -20,7 +20,7 @@ MODEL_NAMES = ("adapt", "periodic_adapt", "equivariant")
 """``--model`` choices: the published ADAPT, ADAPT with minimum-image attention, the equivariant energy model."""
 MODEL_FLAGS = ("model", "d_model", "d_ff", "num_heads", "num_layers", "dropout", "embed_hidden", "input_encoding",
                "net_force", "cutoff", "channels", "max_angular")
-ROLLOUT_FLAGS = ("max_frames", "stop_rms", "stop_fmax", "remat")
+ROLLOUT_FLAGS = ("max_frames", "stop_rms", "stop_fmax", "remat", "compact_levels")
 STEP_RULE_FLAGS = ("step_kind", "init_step", "init_step_scale", "head_max_scale", "momentum", "anneal", "noise_std",
                    "max_displacement")
 BPTT_FLAGS = ("random_stopping", "max_frames", "dq_weight", "force_weight", "augment_rotation", "augment_translation",
@@ -54,9 +54,11 @@ def model_name(config: adapt.AdaptConfig | equivariant.EquivariantConfig) -> str
 
 
 def rollout_config(v: Flags, **overrides) -> scan.RolloutConfig:
-    """``--max_frames``, ``--stop_rms``, ``--stop_fmax`` and ``--remat``; ``overrides`` replace any field."""
+    """``--max_frames``, ``--stop_rms``, ``--stop_fmax``, ``--remat`` and ``--compact_levels`` (0 in runs
+    recorded before it existed); ``overrides`` replace any field."""
     return scan.RolloutConfig(**{"max_frames": v["max_frames"], "stop_rms": v["stop_rms"],
-                                 "stop_fmax": v.get("stop_fmax", 0.0), "remat": v["remat"], **overrides})
+                                 "stop_fmax": v.get("stop_fmax", 0.0), "remat": v["remat"],
+                                 "compact_levels": v.get("compact_levels", 0), **overrides})
 
 
 def step_rule_settings(v: Flags, base_step: float) -> dict[str, Any]:

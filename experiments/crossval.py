@@ -112,14 +112,14 @@ SUMMARIZED = ("dq", "dq_ratio", "dq_over_start", "force_rmse", "force_ratio", "c
 
 
 def summarize_folds(rows: list[dict]) -> dict:
-    """Mean and sample standard deviation (ddof=1; 0 for a single fold) of every number."""
+    """Mean and sample standard deviation (ddof=1; None for a single fold, which has no spread) of every number."""
     out = {"folds": len(rows)}
     for k in SUMMARIZED:
         if not all(k in r for r in rows):  # a row computed by older code
             continue
         v = np.asarray([r[k] for r in rows], np.float64)
         out[f"{k}_mean"] = float(v.mean())
-        out[f"{k}_std"] = float(v.std(ddof=1)) if v.size > 1 else 0.0
+        out[f"{k}_std"] = float(v.std(ddof=1)) if v.size > 1 else None
     out["num_test_total"] = int(sum(r["num_test"] for r in rows))
     for count in ("converged", "pretrained_converged", "fire_converged"):
         if all(count in r for r in rows):
@@ -128,7 +128,8 @@ def summarize_folds(rows: list[dict]) -> dict:
 
 
 def _pm(mean, std, digits=3):
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    """``mean ± std``; just the mean when ``std`` is None (one fold: no spread to show)."""
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 TABLE_HEAD = [("| variant | flags | folds | test Dq | Dq ratio | Dq / not moving | basin 0.1 Å | force RMSE (eV/Å) "

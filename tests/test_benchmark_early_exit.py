@@ -68,6 +68,11 @@ def test_frames_until_stopped_by_hand():
                                 "last_rms": np.array([1e-4, 0.01, 0.0]), "weight": np.array([1.0, 1.0, 0.0])}],
                               max_frames=10, stop_rms=1e-3)
     assert counts == {"needed": 6, "computed_without": 20, "computed_with": 8}
+    # compaction of 3 rows: sizes (1, 2, 3); running rows per frame 3, 2, 2, 1 (the padding row stops in frame 0)
+    counts = bee.frame_counts([{"num_frames": np.array([3, 4, 1]), "converged": np.array([True, True, True]),
+                                "last_rms": np.array([1e-4, 1e-4, 0.0]), "weight": np.array([1.0, 1.0, 0.0])}],
+                              max_frames=10, stop_rms=1e-3, compact_levels=2)
+    assert counts["computed_compact"] == 3 + 2 + 2 + 1 and counts["computed_with"] == 8
 
 
 @pytest.mark.parametrize("stop_fmax", [0.0, 0.05])
@@ -76,20 +81,22 @@ def test_eval_counts_match_the_force_calls_made(stop_fmax):
     setup = _setup(_well_force_fn(calls), stop_fmax)
     relaxer = setup.relaxers["wells"]
     made = {}
-    for early_exit in (False, True):
-        rollout = scan.RolloutConfig(max_frames=MAX_FRAMES, stop_rms=1e-3, stop_fmax=stop_fmax, early_exit=early_exit)
+    for label, fields in setup.settings("eval"):
+        rollout = scan.RolloutConfig(max_frames=MAX_FRAMES, stop_rms=1e-3, stop_fmax=stop_fmax, **fields)
         run = bee.make_accounting_run(relaxer, rollout)
         batches = bee._batches(setup.test, BATCH)
         jax.block_until_ready([run(relaxer.params, b) for b in batches])  # compiles
         calls.clear()
         accounted = [jax.device_get(run(relaxer.params, b)) for b in batches]
         end_checks = len(batches) * BATCH if stop_fmax else 0  # the force rule's check of the end point
-        made[early_exit] = sum(calls) - end_checks
-        counts = bee.frame_counts(accounted, MAX_FRAMES, 1e-3)
+        made[label] = sum(calls) - end_checks
+        counts = bee.frame_counts(accounted, MAX_FRAMES, 1e-3, compact_levels=setup.compact_levels)
     assert bool(np.all(np.concatenate([a["converged"] for a in accounted])))
-    assert made[False] == counts["computed_without"] == len(setup.test) * MAX_FRAMES
-    assert made[True] == counts["computed_with"]
-    assert counts["needed"] <= counts["computed_with"] < counts["computed_without"]
+    assert made["full scan"] == counts["computed_without"] == len(setup.test) * MAX_FRAMES
+    assert made["early exit"] == counts["computed_with"]
+    if not stop_fmax:  # the force rule stops a row in the frame it does not take: counted as running there
+        assert made["early exit + compaction"] == counts["computed_compact"]
+    assert counts["needed"] <= counts["computed_compact"] < counts["computed_with"] < counts["computed_without"]
 
 
 def test_grid_under_vmap_stops_once_every_step_size_has_stopped():
@@ -120,24 +127,29 @@ def test_grid_under_vmap_stops_once_every_step_size_has_stopped():
 
 
 def test_benchmark_rows_and_json():
-    rows = bee.benchmark(_setup(_well_force_fn()))
-    assert [(r["section"], r["early_exit"]) for r in rows] == [(s, e) for s in bee.SECTIONS for e in (False, True)]
-    for without, with_ in zip(rows[::2], rows[1::2]):
-        for r in (without, with_):
-            assert r["frames_computed"] >= r["frames_needed"] > 0 and r["wall_s"] > 0
-        assert with_["frames_computed"] <= without["frames_computed"]
-        if with_["section"] != "grid":  # every structure stops well before max_frames: early exit saves frames
-            assert with_["frames_computed"] < without["frames_computed"]
-        diffs = {k: v for k, v in with_.items() if k.startswith("max_abs_diff")}
-        assert diffs and max(diffs.values()) < 1e-4, diffs
+    setup = _setup(_well_force_fn())
+    rows = bee.benchmark(setup)
+    expected = [(s, label) for s in bee.SECTIONS for label, _ in setup.settings(s)]
+    assert [(r["section"], r["setting"]) for r in rows] == expected
+    assert [label for _, label in expected].count("early exit + compaction") == 2  # not for the grid search
+    for r in rows:
+        assert r["frames_computed"] >= r["frames_needed"] > 0 and r["wall_s"] > 0
+        full = next(f for f in rows if f["section"] == r["section"] and f["setting"] == "full scan")
+        assert r["frames_computed"] <= full["frames_computed"]
+        if r["setting"] != "full scan":
+            if r["section"] != "grid":  # every structure stops well before max_frames: early exit saves frames
+                assert r["frames_computed"] < full["frames_computed"]
+            diffs = {k: v for k, v in r.items() if k.startswith("max_abs_diff")}
+            assert diffs and max(diffs.values()) < 1e-4, diffs
+        if r["section"] == "eval":
+            assert r["num_frames_equal"] and r["max_abs_diff_positions"] < 1e-5
+        if r["section"] == "epoch":
+            assert r["frames_needed"] == r["frames_needed_trainer"]
     assert all(r["compiles"] == 0 for r in rows if r["section"] != "grid")  # timed calls run compiled code only
-    eval_row, epoch_row = rows[1], rows[5]
-    assert eval_row["num_frames_equal"] and rows[3]["num_frames_equal"]
-    assert eval_row["max_abs_diff_positions"] < 1e-5
-    assert epoch_row["frames_needed"] == epoch_row["frames_needed_trainer"]
     out = bee.results_json(rows, {"quick": True})
     assert set(out) == {"meta", "settings", "rows"} and {"command", "date", "cpus", "devices"} <= set(out["meta"])
-    for key in ("section", "what", "early_exit", "wall_s", "load_1min", "compiles", "frames_needed", "frames_computed",
+    for key in ("section", "what", "setting", "early_exit", "compact_levels", "wall_s", "load_1min", "compiles",
+                "frames_needed", "frames_computed",
                 "computed_over_needed"):
         assert all(key in r for r in out["rows"]), key
     table = bee.markdown(rows)

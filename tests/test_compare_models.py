@@ -65,6 +65,11 @@ def test_summary_markdown_has_the_reference_row_and_skips_missing_numbers():
     assert "| 2 | 8.000 ± 0.000 | 4.000 ± 0.000 | 2/4 |" in text
     old_row = {k: v for k, v in rows[0].items() if k not in ("basin_0.1", "dq_over_start")}  # older results
     assert "dq_over_start_mean" not in crossval.summarize_folds([old_row])
+    one_fold = [{"variant": "plain", "flags": "", **crossval.summarize_folds(rows[:1])}]
+    assert one_fold[0]["dq_std"] is None  # one fold has no spread: none is printed
+    text = crossval.summary_markdown(one_fold, [], [crossval.reference_row(_base([10.0, 6.0], [4.0, 2.0],
+                                                                               [5.0, 3.0]))])
+    assert "±" not in text and "| plain | `(none)` | 1 | 1.500 | 0.500 |" in text
 
 
 def _write_study(root: Path, starts, bptt_by_fold, fire=True):

@@ -54,7 +54,8 @@ def grid_search(
     None vmaps all S at once. Jit the caller, or use :func:`make_grid_search`.
     """
     fixed = step_rules.FixedStep()  # its step size is the traced parameter eta: one computation serves every eta
-    config = dataclasses.replace(rollout_config, return_trajectory=False)
+    # vmapped over step sizes, compaction's switch would become a select running every sub-batch size
+    config = dataclasses.replace(rollout_config, return_trajectory=False, compact_levels=0)
     s = batch.initial
 
     def one(eta):

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from bptt_mlip import losses
-from bptt_mlip.relax import fire
+from bptt_mlip.relax import compaction, fire
 from bptt_mlip.structures import Structures
 from bptt_mlip.types import ForceFn, Params
 
@@ -92,11 +92,17 @@ class RolloutConfig:
       return_trajectory: also return positions after every frame, [K + 1, B, N, 3].
       early_exit: skip the force call of every frame after the whole batch has stopped (a
         ``lax.cond`` inside the scan: the backward pass of a skipped frame is skipped too).
-        Results and gradients equal those without it to float32 rounding (the frame inside a cond is
-        compiled on its own and XLA may fuse its multiply-adds differently: ~1 ulp of positions), and
-        frames taken, converged and diverged exactly; False computes all ``max_frames`` frames.
+        False computes all ``max_frames`` frames, through the same cond with a predicate that never
+        holds, so both settings compile one frame: results and gradients agree bit for bit.
         Under ``vmap`` (e.g. the grid search over step sizes) a cond becomes a select and both
         branches run, so there it saves nothing.
+      compact_levels: 0 = every frame calls the force model on the whole batch. ``L`` > 0 = only on
+        the rows still running, gathered into the smallest of ``B, B/2, ..., B/2^L`` rows that holds
+        them (:mod:`bptt_mlip.relax.compaction`: a ``lax.switch``, forward and backward), so a batch
+        whose structures stop at different frames costs about the frames its structures need, not
+        B times its slowest one's. Needs a force model whose rows are independent; results equal
+        those without it to float32 rounding; ``L + 1`` compiled copies of the model. Ignored under
+        ``vmap`` callers that turn the switch into a select (the grid search turns it off).
     """
 
     max_frames: int = 75
@@ -108,10 +114,13 @@ class RolloutConfig:
     divergence_displacement: float = 5.0
     return_trajectory: bool = False
     early_exit: bool = True
+    compact_levels: int = 0
 
     def __post_init__(self):
         if self.max_frames < 1:
             raise ValueError(f"max_frames must be >= 1, got {self.max_frames}")
+        if self.compact_levels < 0:
+            raise ValueError(f"compact_levels must be >= 0 (0 = off), got {self.compact_levels}")
         if not (self.stop_fmax >= 0 and math.isfinite(self.stop_fmax)):
             raise ValueError(f"stop_fmax must be a finite force >= 0 eV/Å (0 = off), got {self.stop_fmax}")
         if self.remat not in REMAT_MODES:
@@ -245,12 +254,17 @@ def rollout(
 
     def frame_unless_finished(carry: _Carry, t: jnp.ndarray):
         # once every structure has stopped, a frame changes nothing: the cond skips the force call
-        # forward and (being a cond, not a where) its backward pass too
-        finished = jnp.all(carry.done | (t >= limit))
+        # forward and (being a cond, not a where) its backward pass too. Without early exit the frame
+        # runs inside the same cond, whose predicate then holds only on the overhang frames of the last
+        # remat segment (t >= max_frames, which change nothing): both settings compile the same frame,
+        # so their results and gradients agree bit for bit.
+        if rollout_config.early_exit:
+            finished = jnp.all(carry.done | (t >= limit))
+        else:
+            finished = t >= k_max
         return jax.lax.cond(finished, skip, body, carry, t)
 
-    carry, frames = _scan_frames(frame_unless_finished if rollout_config.early_exit else body,
-                                 _initial_carry(structures), rollout_config)
+    carry, frames = _scan_frames(frame_unless_finished, _initial_carry(structures), rollout_config)
     carry = _end_point_force_stop(force_fn, params, structures, carry, rollout_config)
     trajectory = None
     if rollout_config.return_trajectory:
@@ -269,7 +283,12 @@ def _frame_body(force_fn: ForceFn, step_rule: StepRule, params: Params, structur
 
     def body(carry: _Carry, t: jnp.ndarray):
         current = structures.replace(positions=carry.positions)
-        forces = force_fn(params["model"], current)
+        active = jnp.logical_not(carry.done) & (t < limit)
+        if rollout_config.compact_levels:  # static: off, the traced program is unchanged
+            forces = compaction.running_row_forces(force_fn, params["model"], current, active,
+                                                   rollout_config.compact_levels)
+        else:
+            forces = force_fn(params["model"], current)
         eta = step_rule.apply(params["step_rule"], current, forces)
         if modifiers.anneal != 1.0:
             eta = eta * modifiers.anneal ** t.astype(eta.dtype)
@@ -277,7 +296,6 @@ def _frame_body(force_fn: ForceFn, step_rule: StepRule, params: Params, structur
         if modifiers.noise_std:
             noise = jax.random.normal(jax.random.fold_in(key, t), carry.positions.shape, carry.positions.dtype)
         update = displacement(forces, eta, mask, modifiers, carry.previous, noise)
-        active = jnp.logical_not(carry.done) & (t < limit)
         if rollout_config.stop_fmax:  # static: with the rule off the traced program is unchanged
             carry, active = _force_stop(carry, active, forces, mask, rollout_config.stop_fmax)
         new = _advance(carry, update, active, mask, threshold, rollout_config.divergence_displacement)

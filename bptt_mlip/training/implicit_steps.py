@@ -149,8 +149,8 @@ def implicit_loss(
     if b.force_weight and force_batch is None:
         raise ValueError("BPTTConfig.force_weight > 0 needs a force_batch of reference frames")
     noise_key, stop_key = jax.random.split(key)
-    batch, force_batch = steps._augment(b, key, batch, force_batch)
-    stop_rms, frame_limit = steps._draw_stopping(b, stop_key)
+    batch, force_batch = steps.augment_batch(b, key, batch, force_batch)
+    stop_rms, frame_limit = steps.draw_stopping(b, stop_key)
     window, tail, in_tail = _window_and_tail(params, batch, force_fn, step_rule, config, noise_key, stop_rms,
                                              frame_limit)
     x_window = batch.initial.positions if window is None else window.positions
@@ -260,7 +260,7 @@ def make_implicit_trainer(
         (loss, aux), grads = jax.value_and_grad(implicit_loss, has_aux=True)(
             state.params, batch, force_fn, step_rule, config, sub, force_batch
         )
-        new_state = steps._apply_updates(optimizer, state, grads, key)
-        return new_state, {"loss": loss, **aux, **steps._update_metrics(new_state, grads, step_rule)}
+        new_state = steps.apply_updates(optimizer, state, grads, key)
+        return new_state, {"loss": loss, **aux, **steps.update_metrics(new_state, grads, step_rule)}
 
-    return steps._trainer(optimizer, implicit_update, mesh, jit, takes_force_batch=True)
+    return steps.build_trainer(optimizer, implicit_update, mesh, jit, takes_force_batch=True)

@@ -14,6 +14,10 @@ split over the devices along the batch axis, the state is replicated, and XLA in
 all-reduce of the batch-mean loss and its gradients; results equal the one-device update up to
 float32 summation order. The state is a pytree; nothing is global; randomness comes from
 ``state.key``.
+
+The pieces every trainer shares (:func:`augment_batch`, :func:`draw_stopping`, :func:`apply_updates`,
+:func:`update_metrics`, :func:`build_trainer`) are public, so that trainers of other gradients
+(:mod:`bptt_mlip.training.implicit_steps`) are built from them.
 """
 
 from __future__ import annotations
@@ -123,7 +127,7 @@ class BPTTConfig:
             )
 
 
-def _augment(config: BPTTConfig, key: jax.Array, batch: RelaxationBatch, force_batch: ForceBatch | None):
+def augment_batch(config: BPTTConfig, key: jax.Array, batch: RelaxationBatch, force_batch: ForceBatch | None):
     """Random rigid motions of the relaxations and force frames (a no-op without augmentation)."""
     if not (config.augment_rotation or config.augment_translation):
         return batch, force_batch
@@ -139,7 +143,7 @@ def _augment(config: BPTTConfig, key: jax.Array, batch: RelaxationBatch, force_b
     return batch, force_batch
 
 
-def _draw_stopping(config: BPTTConfig, stop_key: jax.Array):
+def draw_stopping(config: BPTTConfig, stop_key: jax.Array):
     """(stop_rms Å, frame limit) of this batch: log-uniform and uniform draws, or (None, None)."""
     if not config.random_stopping:
         return None, None
@@ -188,9 +192,9 @@ def bptt_loss(
     if config.force_weight and force_batch is None:
         raise ValueError("BPTTConfig.force_weight > 0 needs a force_batch of reference frames")
     noise_key, stop_key = jax.random.split(key)
-    batch, force_batch = _augment(config, key, batch, force_batch)
+    batch, force_batch = augment_batch(config, key, batch, force_batch)
     batch = _empty_weightless_rows(batch)
-    stop_rms, frame_limit = _draw_stopping(config, stop_key)
+    stop_rms, frame_limit = draw_stopping(config, stop_key)
     if config.relaxer == "fire":
         result = fire_bptt.fire_rollout(force_fn, params["model"], batch.initial, config.fire, config.rollout)
     else:
@@ -219,13 +223,15 @@ def bptt_loss(
     return loss, aux
 
 
-def _apply_updates(optimizer, state: TrainState, grads, key) -> TrainState:
+def apply_updates(optimizer, state: TrainState, grads, key) -> TrainState:
+    """The state after one optimiser step on ``grads`` (step count + 1, the next PRNG ``key``)."""
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, key=key)
 
 
-def _update_metrics(state: TrainState, grads, step_rule: StepRule | None = None) -> dict[str, jnp.ndarray]:
+def update_metrics(state: TrainState, grads, step_rule: StepRule | None = None) -> dict[str, jnp.ndarray]:
+    """Metrics every trainer reports: gradient norm, the optimiser's non-finite counts, the step size (when scalar)."""
     metrics = {"grad_norm": optax.global_norm(grads), **optim.nonfinite_counts(state.opt_state)}
     eta = None if step_rule is None else step_rule.scalar_step_size(state.params["step_rule"])
     if eta is not None:
@@ -257,13 +263,13 @@ def make_bptt_trainer(
         (loss, aux), grads = jax.value_and_grad(bptt_loss, has_aux=True)(
             state.params, batch, force_fn, step_rule, config, sub, force_batch
         )
-        new_state = _apply_updates(optimizer, state, grads, key)
-        return new_state, {"loss": loss, **aux, **_update_metrics(new_state, grads, step_rule)}
+        new_state = apply_updates(optimizer, state, grads, key)
+        return new_state, {"loss": loss, **aux, **update_metrics(new_state, grads, step_rule)}
 
-    return _trainer(optimizer, bptt_update, mesh, jit, takes_force_batch=True)
+    return build_trainer(optimizer, bptt_update, mesh, jit, takes_force_batch=True)
 
 
-def _trainer(optimizer, update: Callable, mesh: Mesh | None, jit: bool, *, takes_force_batch: bool) -> Trainer:
+def build_trainer(optimizer, update: Callable, mesh: Mesh | None, jit: bool, *, takes_force_batch: bool) -> Trainer:
     """``Trainer(init, update)``: ``init`` builds the optimiser state (replicated on ``mesh``);
     ``update`` is jitted, or sharded over ``mesh``, or left as it is."""
     mesh = None if mesh is None else parallel.one_d(mesh)
@@ -355,10 +361,10 @@ def make_pretrain_trainer(
             return force_loss(params["model"], batch, train_force_fn, sub)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        new_state = _apply_updates(optimizer, state, grads, key)
-        return new_state, {"loss": loss, **aux, **_update_metrics(new_state, grads)}
+        new_state = apply_updates(optimizer, state, grads, key)
+        return new_state, {"loss": loss, **aux, **update_metrics(new_state, grads)}
 
-    return _trainer(optimizer, pretrain_update, mesh, jit, takes_force_batch=False)
+    return build_trainer(optimizer, pretrain_update, mesh, jit, takes_force_batch=False)
 
 def deterministic(force_fn: ForceFn) -> TrainForceFn:
     """Wrap a ``(params, structures)`` force function as a training one that ignores the key."""
