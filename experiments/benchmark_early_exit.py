@@ -17,8 +17,10 @@ the same split, ``max_frames``, batch size and remat. Sections (``--sections``):
 * ``epoch``: one epoch of the main job's BPTT trainer (same initial parameters, step rule, optimiser, remat and
   batch order as ``training.loops.bptt_finetune``'s first epoch).
 
-Every function is compiled and run once before the timed call (the epoch: one update per batch shape, then a
-full epoch from the initial state). Structure-frames: ``needed`` is the sum of the frames each real structure took;
+Every function is compiled and run once before it is timed (the epoch: one update per batch shape, then a full
+epoch from the initial state); then ``--repeats`` rounds time the settings of a table in turn, and each row
+reports the median (this host's speed drifts by tens of percent within an hour: docs/performance.md).
+Structure-frames: ``needed`` is the sum of the frames each real structure took;
 ``computed`` is, per batch, the frames until the whole batch had stopped (early exit) or ``max_frames`` (without),
 times the batch's real rows; with compaction, the sub-batch rows each frame ran (padding rows included). Under
 ``vmap`` a ``cond`` runs both branches, so the grid search saves frames only if its compiled program keeps a ``cond``
@@ -30,6 +32,7 @@ Prints a Markdown table; ``--out`` writes JSON. ``--quick``: a few structures, `
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -54,6 +57,8 @@ flags.DEFINE_string("checkpoint", "", "Tuned model; default <run_dir>/checkpoint
 flags.DEFINE_list("sections", ["eval", "grid", "epoch"], "Sections to run: eval, grid, epoch.")
 flags.DEFINE_bool("quick", False, "A few structures, max_frames 20, 2 grid steps: a check that runs in seconds.")
 flags.DEFINE_string("out", "", "Optional JSON file for the results.")
+flags.DEFINE_integer("repeats", 3, "Timed rounds per table: its settings take turns in each round (so that the host's "
+                     "drift falls on all of them alike) and each row reports the median.", lower_bound=1)
 
 SECTIONS = ("eval", "grid", "epoch")
 QUICK = {"test": 8, "grid": 8, "train": 8, "grid_steps": 2, "max_frames": 20}
@@ -83,6 +88,8 @@ class Setup:
       bptt: the trainer's config (its rollout's remat is the main job's); optim: its optimiser.
       compact_levels: the halvings of the third setting, early exit with compaction of the force calls
         (``RolloutConfig.compact_levels``).
+      repeats: timed rounds per table; the settings of a table take turns in each round and the median is
+        reported (``timing.interleaved``).
     """
 
     relaxers: dict
@@ -98,6 +105,7 @@ class Setup:
     batch_size: int
     seed: int = 0
     compact_levels: int = 2
+    repeats: int = 1
 
     def settings(self, section: str) -> tuple[tuple[str, dict], ...]:
         """(name, ``RolloutConfig`` fields) of the settings compared: every frame computed, early exit, and
@@ -187,15 +195,12 @@ def grid_skips_frames(force_fn, model_params, batch, steps_: Sequence[float], ro
 COMPILES = timing.CompileCounter()  # XLA backend compiles of this process (one listener)
 
 
-def timed_second_call(fn: Callable[[], Any]) -> tuple[Any, dict]:
-    """Call ``fn`` twice (the first compiles) and time the second: (its result, ``{"wall_s", "load_1min",
-    "compiles"}``); ``compiles`` counts XLA compiles inside the timed call (a function that builds a new jitted
-    function per call, as ``evaluate.grid_table`` does, compiles again there: from JAX's persistent cache if on)."""
-    jax.block_until_ready(fn())
-    load, _ = timing.load_1min(), COMPILES.reset()
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    return out, {"wall_s": time.perf_counter() - t0, "load_1min": load, "compiles": COMPILES.reset()}
+def timed_settings(calls: dict, repeats: int) -> dict:
+    """``timing.interleaved`` with this process's compile counter: label -> (result, ``{"wall_s"`` (median),
+    ``"times_s", "load_1min", "loads_1min", "compiles"}``); ``compiles`` counts XLA compiles inside the timed calls
+    (a function that builds a new jitted function per call, as ``evaluate.grid_table`` does, compiles again there:
+    from JAX's persistent cache if on)."""
+    return timing.interleaved(calls, repeats, COMPILES)
 
 
 def max_abs_difference(a, b) -> float:
@@ -233,23 +238,25 @@ def eval_section(setup: Setup) -> list[dict]:
     rows, batches = [], _batches(setup.test, setup.batch_size)
     settings = setup.settings("eval")
     for name, r in setup.relaxers.items():
+        rollouts = {label: dataclasses.replace(setup.rollout, **fields) for label, fields in settings}
+        timed = timed_settings({label: functools.partial(
+            evaluate.relaxation_table, r.force_fn, r.step_rule, r.params, setup.test, r.modifiers, rollout,
+            batch_size=setup.batch_size) for label, rollout in rollouts.items()}, setup.repeats)
         ends, tables = {}, {}
-        for label, fields in settings:
-            rollout = dataclasses.replace(setup.rollout, **fields)
-            (summary, per), timing = timed_second_call(lambda: evaluate.relaxation_table(
-                r.force_fn, r.step_rule, r.params, setup.test, r.modifiers, rollout, batch_size=setup.batch_size))
+        for label, rollout in rollouts.items():
             run = make_accounting_run(r, rollout)
             accounted = [jax.device_get(run(r.params, b)) for b in batches]
-            ends[label], tables[label] = [a["positions"] for a in accounted], (summary, per, timing)
+            (summary, per), timing_ = timed[label]
+            ends[label], tables[label] = [a["positions"] for a in accounted], (summary, per, timing_)
         counts = frame_counts(accounted, setup.rollout.max_frames, setup.rollout.stop_rms,
                               compact_levels=setup.compact_levels)
         full = settings[0][0]
         for setting in settings:
-            summary, per, timing = tables[setting[0]]
+            summary, per, timing_ = tables[setting[0]]
             agree = {"max_abs_diff_positions": max_abs_difference(ends[full], ends[setting[0]]),
                      "max_abs_diff_dq": max_abs_difference(tables[full][1]["dq"], per["dq"]),
                      "num_frames_equal": bool(np.array_equal(tables[full][1]["num_frames"], per["num_frames"]))}
-            rows.append(_row("eval", f"test split, {name}", setting, timing, counts, structures=len(setup.test),
+            rows.append(_row("eval", f"test split, {name}", setting, timing_, counts, structures=len(setup.test),
                              mean_dq=summary["mean_dq"], mean_frames=summary["mean_frames"], **agree))
     return rows
 
@@ -257,13 +264,13 @@ def eval_section(setup: Setup) -> list[dict]:
 def grid_section(setup: Setup) -> list[dict]:
     """``evaluate.grid_table`` of the first relaxer's model over ``setup.grid_steps``, without and with early exit."""
     r = next(iter(setup.relaxers.values()))
-    model_params, rows, tables = r.params["model"], [], {}
+    model_params, rows = r.params["model"], []
     batches = _batches(setup.grid_trajs, setup.batch_size)
     settings = setup.settings("grid")
-    for label, fields in settings:
-        rollout = dataclasses.replace(setup.rollout, **fields)
-        tables[label] = timed_second_call(lambda: evaluate.grid_table(
-            r.force_fn, model_params, setup.grid_trajs, setup.grid_steps, rollout, batch_size=setup.batch_size))
+    tables = timed_settings({label: functools.partial(
+        evaluate.grid_table, r.force_fn, model_params, setup.grid_trajs, setup.grid_steps,
+        dataclasses.replace(setup.rollout, **fields), batch_size=setup.batch_size) for label, fields in settings},
+        setup.repeats)
     skips = grid_skips_frames(r.force_fn, model_params, batches[0], setup.grid_steps, setup.rollout)
     run = make_accounting_run(Relaxer(r.force_fn, step_rules.FixedStep(), None),
                               dataclasses.replace(setup.rollout, compact_levels=0), over_steps=True)
@@ -272,11 +279,11 @@ def grid_section(setup: Setup) -> list[dict]:
     counts = frame_counts(accounted, setup.rollout.max_frames, setup.rollout.stop_rms, skips_frames=skips)
     full = tables[settings[0][0]][0]
     for setting in settings:
-        table, timing = tables[setting[0]]
+        table, timing_ = tables[setting[0]]
         agree = {"max_abs_diff_dq": max_abs_difference(full["dq"], table["dq"]),
                  "num_frames_equal": bool(np.array_equal(full["num_frames"], table["num_frames"]))}
         rows.append(_row("grid", f"{len(setup.grid_steps)} steps x {len(setup.grid_trajs)} training trajectories",
-                         setting, timing, counts, skips_frames=skips, structures=len(setup.grid_trajs),
+                         setting, timing_, counts, skips_frames=skips, structures=len(setup.grid_trajs),
                          best_step=float(table["step_sizes"][int(np.argmin(table["mean_dq"]))]), **agree))
     return rows
 
@@ -292,9 +299,10 @@ def _run_epoch(update, state, batches) -> tuple[Any, list, list]:
     return state, metrics, starts
 
 
-def _timed_epoch(setup: Setup, config: steps.BPTTConfig, batches: list) -> tuple:
-    """One epoch of the BPTT trainer of ``config`` over ``batches``, every batch shape compiled first: (final
-    state, per-update metrics, the parameters each update started from, timing)."""
+def _epoch_call(setup: Setup, config: steps.BPTTConfig, batches: list) -> Callable[[], tuple]:
+    """A call that runs one epoch of the BPTT trainer of ``config`` over ``batches`` from the same initial state
+    and returns (final state, per-update metrics, the parameters each update started from); every batch shape is
+    compiled here first."""
     trainer = steps.make_bptt_trainer(_force_fn_of(setup), setup.epoch_rule, config, optim.make_optimizer(setup.optim))
     state0 = trainer.init(setup.epoch_start, jax.random.PRNGKey(setup.seed))
     shapes = {}
@@ -302,10 +310,7 @@ def _timed_epoch(setup: Setup, config: steps.BPTTConfig, batches: list) -> tuple
         shapes.setdefault(b.initial.positions.shape, b)
     for b in shapes.values():  # twice: the state after an update may trace anew (weak types of the initial one)
         jax.block_until_ready(trainer.update(trainer.update(state0, b)[0], b))
-    load, _, t0 = timing.load_1min(), COMPILES.reset(), time.perf_counter()
-    state, metrics, starts = _run_epoch(trainer.update, state0, batches)
-    jax.block_until_ready(state)
-    return state, metrics, starts, {"wall_s": time.perf_counter() - t0, "load_1min": load, "compiles": COMPILES.reset()}
+    return functools.partial(_run_epoch, trainer.update, state0, batches)
 
 
 def epoch_section(setup: Setup) -> list[dict]:
@@ -314,13 +319,13 @@ def epoch_section(setup: Setup) -> list[dict]:
     order, _ = loops._relaxation_epochs(setup.train, setup.batch_size, batching.DEFAULT_BUCKETS, setup.seed, 0)
     batches = list(order(0))
     settings = setup.settings("epoch")
-    runs = {label: _timed_epoch(setup, dataclasses.replace(
-                setup.bptt, rollout=dataclasses.replace(setup.bptt.rollout, **fields)), batches)
-            for label, fields in settings}
+    runs = timed_settings({label: _epoch_call(setup, dataclasses.replace(
+        setup.bptt, rollout=dataclasses.replace(setup.bptt.rollout, **fields)), batches)
+        for label, fields in settings}, setup.repeats)
     replay = make_accounting_run(Relaxer(_force_fn_of(setup), setup.epoch_rule, None, setup.bptt.modifiers),
                                  dataclasses.replace(setup.bptt.rollout, remat="none", early_exit=True,
                                                      compact_levels=0))
-    _, metrics, starts, _ = runs[settings[1][0]]
+    (_, metrics, starts), _ = runs[settings[1][0]]
     accounted = [jax.device_get(replay(p, b)) for p, b in zip(starts, batches)]
     counts = frame_counts(accounted, setup.bptt.rollout.max_frames, setup.bptt.rollout.stop_rms,
                           compact_levels=setup.compact_levels)
@@ -328,13 +333,13 @@ def epoch_section(setup: Setup) -> list[dict]:
     full = runs[settings[0][0]]
     rows = []
     for setting in settings:
-        state, metrics_, _, timing_ = runs[setting[0]]
+        (state, metrics_, _), timing_ = runs[setting[0]]
         losses_ = [m["loss"] for m in metrics_]
         rows.append(_row("epoch", f"BPTT epoch, {len(batches)} batches, remat {setup.bptt.rollout.remat}", setting,
                          timing_, counts, structures=len(setup.train), frames_needed_trainer=round(needed_trainer),
                          mean_loss=float(np.mean(losses_)),
-                         max_abs_diff_loss=max_abs_difference([m["loss"] for m in full[1]], losses_),
-                         max_abs_diff_params=max_abs_difference(full[0].params, state.params)))
+                         max_abs_diff_loss=max_abs_difference([m["loss"] for m in full[0][1]], losses_),
+                         max_abs_diff_params=max_abs_difference(full[0][0].params, state.params)))
     return rows
 
 
@@ -441,12 +446,12 @@ def setup_from_run(run_dir: Path) -> tuple[Setup, dict]:
     start = {"model": pre.model_params, "step_rule": rule.init(jax.random.PRNGKey(v["seed"] + 2))}
     setup = Setup(relaxers, test, grid_trajs, grid_steps, train, configs.rollout_config(v, remat="none"), start, rule,
                   bptt, configs.bptt_optim_config(v), int(v["batch_size"]), int(v["seed"]),
-                  int(v.get("compact_levels", 2)))
+                  int(v.get("compact_levels", 2)), FLAGS.repeats)
     used = {"run_dir": str(run_dir), "pretrained_checkpoint": str(pre_dir), "checkpoint": str(tuned_dir),
             "best_grid_step": best_step, "grid_steps": grid_steps, "max_frames": int(v["max_frames"]),
             "stop_rms": float(v["stop_rms"]), "stop_fmax": float(v["stop_fmax"]), "remat": v["remat"],
             "batch_size": int(v["batch_size"]), "seed": int(v["seed"]), "quick": bool(FLAGS.quick),
-            "compact_levels": setup.compact_levels,
+            "compact_levels": setup.compact_levels, "repeats": setup.repeats,
             "structures": {"test": len(test), "grid": len(grid_trajs), "train": len(train)},
             "model": type(pre.config).__name__, "params": pre.num_params()}
     return setup, used

@@ -60,3 +60,38 @@ class CompileCounter:
     def reset(self) -> int:
         count, self.count = self.count, 0
         return count
+
+
+def interleaved(calls: dict, repeats: int, compiles: CompileCounter) -> dict:
+    """Time several calls against each other on a machine whose speed drifts: every call once first (compiles,
+    warm-up), then ``repeats`` rounds that time each call in turn, so that a slow spell of the host falls on all
+    of them alike.
+
+    Args:
+      calls: label -> ``fn()``; its result is blocked on (``jax.block_until_ready``) inside the timing.
+      repeats: timed rounds (>= 1).
+      compiles: the process's compile counter; XLA compiles inside the timed calls are counted per call.
+
+    Returns:
+      label -> (the result of its last call, ``{"wall_s": median seconds, "times_s": every round's seconds,
+      "load_1min": the median 1-minute load average before its rounds, "loads_1min": each round's, "compiles":
+      compiles inside its timed calls, summed over the rounds}``).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    outputs = {label: block(fn()) for label, fn in calls.items()}
+    times = {label: [] for label in calls}
+    loads = {label: [] for label in calls}
+    compiled = dict.fromkeys(calls, 0)
+    for _ in range(repeats):
+        for label, fn in calls.items():
+            loads[label].append(load_1min())
+            compiles.reset()
+            t0 = time.perf_counter()
+            outputs[label] = block(fn())
+            times[label].append(time.perf_counter() - t0)
+            compiled[label] += compiles.reset()
+    return {label: (outputs[label], {"wall_s": statistics.median(times[label]), "times_s": times[label],
+                                     "load_1min": statistics.median(loads[label]), "loads_1min": loads[label],
+                                     "compiles": compiled[label]})
+            for label in calls}

@@ -5,6 +5,7 @@ settings agree on end points and losses, and the JSON holds what the docs read."
 from __future__ import annotations
 
 import dataclasses
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ from bptt_mlip.data.trajectory import Trajectory
 from bptt_mlip.relax import grid, scan, step_rules
 from bptt_mlip.training import optim, steps
 from experiments import benchmark_early_exit as bee
+from experiments import timing
 
 SPACING = 2.5  # Å between the wells' centres
 MAX_FRAMES = 40
@@ -126,8 +128,26 @@ def test_grid_under_vmap_stops_once_every_step_size_has_stopped():
     assert int(np.max(results[True].num_frames[:2])) < MAX_FRAMES // 2  # the two small steps stop early
 
 
+def test_interleaved_timing_takes_turns_and_reports_the_median():
+    order = []
+    clock = iter([0.0, 1.0, 1.0, 4.0, 4.0, 6.0, 6.0, 6.5, 6.5, 9.0, 9.0, 9.25])  # a: 1, 2, 2.5; b: 3, 0.5, 0.25 s
+
+    def call(label):
+        return lambda: order.append(label) or jnp.asarray(len(order))
+
+    counter = timing.CompileCounter()
+    with mock.patch.object(timing.time, "perf_counter", lambda: next(clock)):
+        out = timing.interleaved({"a": call("a"), "b": call("b")}, repeats=3, compiles=counter)
+    assert order == ["a", "b"] + ["a", "b"] * 3  # one warm-up each, then rounds in turn
+    assert out["a"][1]["times_s"] == [1.0, 2.0, 2.5] and out["a"][1]["wall_s"] == 2.0
+    assert out["b"][1]["times_s"] == [3.0, 0.5, 0.25] and out["b"][1]["wall_s"] == 0.5
+    assert int(out["b"][0]) == 8 and out["a"][1]["compiles"] == 0 and len(out["a"][1]["loads_1min"]) == 3
+    with pytest.raises(ValueError, match="repeats"):
+        timing.interleaved({"a": call("a")}, repeats=0, compiles=counter)
+
+
 def test_benchmark_rows_and_json():
-    setup = _setup(_well_force_fn())
+    setup = dataclasses.replace(_setup(_well_force_fn()), repeats=2)
     rows = bee.benchmark(setup)
     expected = [(s, label) for s in bee.SECTIONS for label, _ in setup.settings(s)]
     assert [(r["section"], r["setting"]) for r in rows] == expected
@@ -148,6 +168,7 @@ def test_benchmark_rows_and_json():
     assert all(r["compiles"] == 0 for r in rows if r["section"] != "grid")  # timed calls run compiled code only
     out = bee.results_json(rows, {"quick": True})
     assert set(out) == {"meta", "settings", "rows"} and {"command", "date", "cpus", "devices"} <= set(out["meta"])
+    assert all(len(r["times_s"]) == 2 and min(r["times_s"]) <= r["wall_s"] <= max(r["times_s"]) for r in rows)
     for key in ("section", "what", "setting", "early_exit", "compact_levels", "wall_s", "load_1min", "compiles",
                 "frames_needed", "frames_computed",
                 "computed_over_needed"):
