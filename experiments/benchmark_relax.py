@@ -12,7 +12,10 @@ persistent cache), the second is the timed one. ASE's FIRE runs one structure at
 
 Printed per configuration: wall time, structures/s, atom-frames/s (the force evaluations a structure
 needs, its frames + 1, times its atoms, per second), structure-frames computed against needed, compiled
-calls, the relaxer's compiled batch shapes, and XLA compile events of each call. ``--out`` writes JSON.
+calls, the relaxer's compiled batch shapes, and XLA compile events of each call. A force-call section times one
+force evaluation batched (as the API calls the model) against the calculator's single call, for the checkpoint's
+model and a published-size ADAPT with random weights (its cost per call, not its relaxations). ``--out`` writes
+JSON.
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ flags.DEFINE_integer("relax_batch_size", 16, "Rows per compiled batch (relax_str
 flags.DEFINE_list("buckets", [], "Atom-count buckets of the API (default: the library's, 32, 64, 128, ...).")
 flags.DEFINE_integer("ase_subset", 16, "Structures relaxed by ASE FIRE one at a time (0: skip).")
 flags.DEFINE_string("out", "", "Optional JSON file for the rows.")
+flags.DEFINE_integer("force_call_repeats", 20, "Timed force calls per path in the force-call section (0: skip): "
+                     "batched as the API calls the model against the calculator one structure at a time.")
+flags.DEFINE_bool("published_force_calls", True, "Time the force calls of a published-size ADAPT (random weights, "
+                  "the checkpoint's inputs) too.")
 flags.DEFINE_integer("matmul_size", 2048, "n of the n x n float32 matmul that measures the device's dense rate; the "
                      "API rows report their FLOP rate as a share of it (0: skip).")
 
@@ -68,13 +75,16 @@ def start_structures(n: int, generated: int, rattle: float, seed: int = 0) -> li
     return out
 
 
+def bucket_kwargs() -> dict:
+    """``{"buckets": ...}`` of ``--buckets`` (the same for the API and the calculator), or ``{}`` for the defaults."""
+    return {"buckets": tuple(int(b) for b in FLAGS.buckets)} if FLAGS.buckets else {}
+
+
 def api_row(objs, model, method: str, in_flight: bool, compiles: timing.CompileCounter) -> dict:
     from bptt_mlip.workflow import api
 
     kw = dict(method=method, batch_size=FLAGS.relax_batch_size, in_flight=in_flight, progress=False,
-              on_out_of_domain="ignore")
-    if FLAGS.buckets:
-        kw["buckets"] = tuple(int(b) for b in FLAGS.buckets)
+              on_out_of_domain="ignore", **bucket_kwargs())
     compiles.reset()
     t0 = time.perf_counter()
     api.relax_structures(objs, model, **kw)
@@ -104,12 +114,12 @@ def ase_row(objs, model, fire_row: dict | None) -> dict:
     steps = fire.FireConfig().max_steps
     for atoms in objs:  # compile the calculator's force call for every bucket first
         work = atoms.copy()
-        work.calc = calculator.BPTTCalculator(model)
+        work.calc = calculator.BPTTCalculator(model, **bucket_kwargs())
         work.get_forces()
     nsteps, t0 = [], time.perf_counter()
     for atoms in objs:
         work = atoms.copy()
-        work.calc = calculator.BPTTCalculator(model)
+        work.calc = calculator.BPTTCalculator(model, **bucket_kwargs())
         opt = FIRE(calculator.forces_only(work), logfile=None)
         opt.run(fmax=fmax, steps=steps)
         nsteps.append(opt.nsteps)
@@ -133,7 +143,7 @@ def force_call_flops(model, objs, batch_size: int) -> dict:
     from bptt_mlip import structures
     from bptt_mlip.data import batching
 
-    n = batching.bucket_atoms(len(objs[0]))
+    n = batching.bucket_atoms(len(objs[0]), **bucket_kwargs())
     first = objs[0]
     batch = structures.from_arrays([first.get_chemical_symbols()] * batch_size, [first.positions] * batch_size,
                                    [np.asarray(first.cell)] * batch_size, max_atoms=n)
@@ -150,6 +160,58 @@ def add_matmul_share(rows: list[dict], flops: dict, matmul_gflops: float) -> Non
         if "slot_frames" in r:
             r["gflops_per_s"] = r["slot_frames"] * flops["flops_per_slot_frame"] / r["wall_s"] / 1e9
             r["matmul_share"] = r["gflops_per_s"] / matmul_gflops
+
+
+def published_size(model):
+    """A :class:`TrainedModel` of the published ADAPT size (d_model 256, d_ff 512, 8 heads, 8 layers) with the
+    checkpoint's inputs, statistics and step rule and random weights: its force calls cost what a trained
+    published model's do, but it does not relax (time its force calls, not its relaxations)."""
+    import dataclasses
+
+    import jax
+
+    from bptt_mlip.models import registry
+    from bptt_mlip.workflow import api
+
+    config = dataclasses.replace(model.config, d_model=256, d_ff=512, num_heads=8, num_layers=8)
+    params = {"model": registry.init_params(config, jax.random.PRNGKey(0)), "step_rule": model.params["step_rule"]}
+    return api.TrainedModel(config, model.normalizer, params, model.step_rule, model.modifiers, model.meta)
+
+
+def force_call_row(name: str, model, atoms, batch_size: int, repeats: int, buckets: dict) -> dict:
+    """One force evaluation of ``atoms`` (an ASE structure) two ways, median of ``repeats`` after a warm-up:
+    batched as the relax API calls the model (``batch_size`` rattled copies, one jitted call on the padded bucket)
+    and through the library's ASE calculator one structure at a time (the positions move by 1e-4 Å before each
+    call, as an optimiser's step would, so that no result is cached). Returns atoms per second of each and their
+    ratio: the most the API's batching can gain over ASE's optimisers per force call, whatever the frame counts.
+    ``buckets``: ``{"buckets": ...}`` or ``{}`` (the library's), for both paths."""
+    import jax
+
+    from bptt_mlip import structures
+    from bptt_mlip.data import batching
+    from bptt_mlip.workflow import calculator
+
+    n_bucket = batching.bucket_atoms(len(atoms), **buckets)
+    rng = np.random.default_rng(0)
+    positions = [atoms.positions + rng.normal(scale=0.01, size=atoms.positions.shape) for _ in range(batch_size)]
+    batch = structures.from_arrays([atoms.get_chemical_symbols()] * batch_size, positions,
+                                   [np.asarray(atoms.cell)] * batch_size, max_atoms=n_bucket)
+    force_fn = jax.jit(model.force_fn)
+    batched = timing.timed(lambda: timing.block(force_fn(model.model_params, batch)), repeats)
+    work = atoms.copy()
+    work.calc = calculator.BPTTCalculator(model, on_out_of_domain="ignore", **buckets)
+
+    def one_call():
+        work.positions = work.positions + rng.normal(scale=1e-4, size=work.positions.shape)
+        return work.get_forces()
+
+    single = timing.timed(one_call, repeats)
+    rate_batched = batch_size * len(atoms) / batched["median_s"]
+    rate_single = len(atoms) / single["median_s"]
+    return dict(model=name, params=model.num_params(), atoms=len(atoms), bucket_atoms=n_bucket, batch_size=batch_size,
+                batched_call_s=batched["median_s"], calculator_call_s=single["median_s"],
+                batched_atoms_per_s=rate_batched, calculator_atoms_per_s=rate_single,
+                batched_over_calculator=rate_batched / rate_single)
 
 
 def checkpoint_path() -> str:
@@ -189,6 +251,15 @@ def main(argv):
             if "matmul_share" in r:
                 common.info(f"{r['method']} {r['path']}: {r['gflops_per_s']:.2f} GFLOP/s = "
                             f"{100 * r['matmul_share']:.1f}% of the {extra['matmul']['gflops']:.1f} GFLOP/s matmul")
+    if FLAGS.force_call_repeats:
+        models = {"checkpoint": model, **({"published size, random weights": published_size(model)}
+                                          if FLAGS.published_force_calls else {})}
+        extra["force_calls"] = [force_call_row(name, m, objs[0], FLAGS.relax_batch_size, FLAGS.force_call_repeats,
+                                               bucket_kwargs()) for name, m in models.items()]
+        for r in extra["force_calls"]:
+            common.info(f"force call, {r['model']} ({r['params']} parameters, {r['atoms']} atoms): batched "
+                        f"{r['batched_atoms_per_s']:.0f} atoms/s, calculator {r['calculator_atoms_per_s']:.0f} "
+                        f"atoms/s, ratio {r['batched_over_calculator']:.2f}")
     meta = dict(command=common.command_line(), date=time.strftime("%Y-%m-%d %H:%M"), machine=platform.processor()
                 or platform.machine(), cpus=os.cpu_count(), load_1min=os.getloadavg()[0], devices=str(jax.devices()),
                 checkpoint=checkpoint_path(), model=model.config.__class__.__name__, params=model.num_params(),
