@@ -75,6 +75,17 @@ def start_structures(n: int, generated: int, rattle: float, seed: int = 0) -> li
     return out
 
 
+def fire_config(model):
+    """The FIRE settings of both FIRE paths (the API's and ASE's): ASE's defaults with the fmax saved with the
+    model (the run's ``fire_fmax``, derived from its data), else ASE's 0.05 eV/Å."""
+    from bptt_mlip.relax import fire
+    from bptt_mlip.workflow import model_io
+
+    default = fire.FireConfig()
+    return fire.FireConfig(fmax=float(model_io.saved_relax_settings(model.meta).get("fire_fmax", default.fmax)),
+                           max_steps=default.max_steps)
+
+
 def bucket_kwargs() -> dict:
     """``{"buckets": ...}`` of ``--buckets`` (the same for the API and the calculator), or ``{}`` for the defaults."""
     return {"buckets": tuple(int(b) for b in FLAGS.buckets)} if FLAGS.buckets else {}
@@ -85,6 +96,8 @@ def api_row(objs, model, method: str, in_flight: bool, compiles: timing.CompileC
 
     kw = dict(method=method, batch_size=FLAGS.relax_batch_size, in_flight=in_flight, progress=False,
               on_out_of_domain="ignore", **bucket_kwargs())
+    if method == "fire":
+        kw["fire_config"] = fire_config(model)
     compiles.reset()
     t0 = time.perf_counter()
     api.relax_structures(objs, model, **kw)
@@ -107,11 +120,10 @@ def api_row(objs, model, method: str, in_flight: bool, compiles: timing.CompileC
 def ase_row(objs, model, fire_row: dict | None) -> dict:
     from ase.optimize import FIRE
 
-    from bptt_mlip.relax import fire
-    from bptt_mlip.workflow import calculator, model_io
+    from bptt_mlip.workflow import calculator
 
-    fmax = model_io.saved_relax_settings(model.meta).get("fire_fmax", fire.FireConfig().fmax)
-    steps = fire.FireConfig().max_steps
+    config = fire_config(model)
+    fmax, steps = config.fmax, config.max_steps
     for atoms in objs:  # compile the calculator's force call for every bucket first
         work = atoms.copy()
         work.calc = calculator.BPTTCalculator(model, **bucket_kwargs())
