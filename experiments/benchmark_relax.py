@@ -76,14 +76,11 @@ def start_structures(n: int, generated: int, rattle: float, seed: int = 0) -> li
 
 
 def fire_config(model):
-    """The FIRE settings of both FIRE paths (the API's and ASE's): ASE's defaults with the fmax saved with the
-    model (the run's ``fire_fmax``, derived from its data), else ASE's 0.05 eV/Å."""
-    from bptt_mlip.relax import fire
+    """The FIRE settings of both FIRE paths (the API's and ASE's): the API's default for the model (ASE's, with the
+    fmax saved with the model: the run's ``fire_fmax``, derived from its data)."""
     from bptt_mlip.workflow import model_io
 
-    default = fire.FireConfig()
-    return fire.FireConfig(fmax=float(model_io.saved_relax_settings(model.meta).get("fire_fmax", default.fmax)),
-                           max_steps=default.max_steps)
+    return model_io.fire_settings(model.meta)
 
 
 def bucket_kwargs() -> dict:

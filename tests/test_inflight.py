@@ -229,3 +229,21 @@ def test_compiled_shapes_bounded_and_trajectories_keep_fixed_batches():
     assert traj.trajectories[0].shape == (traj.num_frames[0] + 1, len(objs[0]), 3)
     with pytest.raises(ValueError, match="in_flight=False"):
         api.relax_structures(objs[:2], potentials.morse_force_fn, return_trajectory=True, in_flight=True, **kw)
+
+
+def test_fire_stops_at_the_fmax_the_model_was_trained_with(tiny_adapt):
+    from bptt_mlip.workflow import model_io
+
+    objs = _clusters(4, seed=3)
+    default = fire.FireConfig()
+    assert model_io.fire_settings({}) == default  # nothing saved: ASE's
+    saved = {"relax_settings": {"fire_fmax": 0.3}}
+    assert model_io.fire_settings(saved) == dataclasses.replace(default, fmax=0.3)
+    assert model_io.fire_settings(saved, fmax=0.1, max_steps=9) == dataclasses.replace(default, fmax=0.1, max_steps=9)
+    # saved above every starting force: the model's fmax stops every structure before its first step
+    model = dataclasses.replace(tiny_adapt, meta={"relax_settings": {"fire_fmax": 1e3}})
+    kw = dict(method="fire", buckets=BUCKETS, batch_size=2, on_out_of_domain="ignore")
+    by_default = api.relax_structures(objs, model, **kw)
+    assert np.all(by_default.converged) and np.all(by_default.num_frames == 0)
+    ase_fmax = api.relax_structures(objs, model, fire_config=dataclasses.replace(default, max_steps=5), **kw)
+    assert np.all(ase_fmax.num_frames == 5) and not np.any(ase_fmax.converged)

@@ -297,8 +297,9 @@ def relax_structures(
       stop_fmax: ``"frame"`` only: also stop a structure once its largest per-atom force is below
         this (eV/Å, checked before each frame as ASE's ``fmax``; 0 = off). None (these three): the
         value the model's training run saved, else 75, 1e-3 Å, 0 (``model_io.frame_stop_rule``).
-      fire_config: ``"fire"`` only: :class:`bptt_mlip.relax.fire.FireConfig` (default ASE's: fmax 0.05
-        eV/Å, at most 200 steps).
+      fire_config: ``"fire"`` only: :class:`bptt_mlip.relax.fire.FireConfig`. None: ASE's defaults (at
+        most 200 steps) with the fmax the model's training run saved (its ``fire_fmax``), else ASE's 0.05
+        eV/Å (``model_io.fire_settings``; the CLI's ``relax --method=fire`` uses the same).
       batch_size: most structures per compiled call. A bucket with fewer structures than this is
         padded to the next power of two rows, so a bucket compiles at most
         ``log2(batch_size) + 1`` shapes (one for repeated calls of the same size mix).
@@ -335,6 +336,8 @@ def relax_structures(
     else:
         if step_size is not None:
             raise ValueError("step_size applies to method='frame'; FIRE uses fire_config (dt, maxstep)")
+        if fire_config is None:
+            fire_config = model_io.fire_settings(trained.meta if trained else {})
         run_batch, engine = _fire_method(force_fn, full_params, fire_config, return_trajectory)
     in_flight = not return_trajectory if in_flight is None else bool(in_flight)
     if in_flight and return_trajectory:
@@ -377,8 +380,7 @@ def _frame_method(force_fn, full_params, trained, step_size, max_frames, stop_rm
 
 def _fire_method(force_fn, full_params, fire_config, return_trajectory) -> tuple[Callable, inflight.FireEngine]:
     """(fixed-batch ``run_batch``, in-flight engine) of :func:`relax_structures` with ``method="fire"``."""
-    fire_cfg = fire_config if fire_config is not None else fire.FireConfig()
-    runner = fire.make_fire_runner(force_fn, fire_cfg, bool(return_trajectory))
+    runner = fire.make_fire_runner(force_fn, fire_config, bool(return_trajectory))
 
     def run_batch(batch):
         end = runner(full_params["model"], batch)
@@ -386,7 +388,7 @@ def _fire_method(force_fn, full_params, fire_config, return_trajectory) -> tuple
         return state.positions, state.num_frames, state.converged, end.diverged, end.max_force, end.trajectory
 
     run_batch.runner = runner
-    return run_batch, inflight.FireEngine(force_fn, fire_cfg, full_params["model"])
+    return run_batch, inflight.FireEngine(force_fn, fire_config, full_params["model"])
 
 
 # ``bptt_mlip.workflow.api.relax`` as the quickstart shows it

@@ -141,7 +141,6 @@ def cmd_relax(args) -> int:
     import ase.io
 
     from bptt_mlip.workflow import api, model_io
-    from bptt_mlip.relax import fire
 
     if args.max_frames is not None and args.max_frames < 1:
         raise CliError(f"--max-frames must be >= 1, got {args.max_frames}")
@@ -156,9 +155,7 @@ def cmd_relax(args) -> int:
     if args.method == "frame":
         kwargs.update(max_frames=args.max_frames, stop_rms=args.stop_rms, step_size=args.step_size)
     else:
-        saved = model_io.saved_relax_settings(model.meta)  # the training run's settings
-        fmax = args.fmax if args.fmax is not None else saved.get("fire_fmax", 0.05)
-        kwargs.update(fire_config=fire.FireConfig(fmax=fmax, max_steps=args.max_frames or 200))
+        kwargs.update(fire_config=model_io.fire_settings(model.meta, args.fmax, args.max_frames or None))
     atoms_list = [a for _, _, a in items]
     problems = _screen_domain(model, items, args.out_of_domain)
     kwargs.update(on_out_of_domain="ignore")  # checked and reported above, once

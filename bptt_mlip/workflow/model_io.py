@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 
 from bptt_mlip.data.domain import META_KEY as DOMAIN_META_KEY, Domain, as_domain
 from bptt_mlip.models import adapt, registry
+from bptt_mlip.relax import fire
 from bptt_mlip.training import checkpoint
 from bptt_mlip.types import Params
 from bptt_mlip.workflow.report import jsonable
@@ -61,6 +62,16 @@ def saved_relax_settings(meta: dict[str, Any]) -> dict[str, Any]:
 
 FRAME_RELAX_DEFAULTS = {"max_frames": 75, "stop_rms": 1e-3, "stop_fmax": 0.0}
 """What a frame relaxation uses when neither the caller nor the checkpoint says (frames, Å, eV/Å; 0 = off)."""
+
+
+def fire_settings(meta: dict[str, Any], fmax: float | None = None, max_steps: int | None = None) -> fire.FireConfig:
+    """FIRE's settings with a model of checkpoint meta ``meta``: ``fmax`` (eV/Å) as given, else the ``fire_fmax``
+    its training run saved (:func:`saved_relax_settings`: derived from its data, the fmax its FIRE tables used),
+    else ASE's 0.05; ``max_steps`` as given, else ASE's 200; everything else ASE's defaults."""
+    default = fire.FireConfig()
+    saved = saved_relax_settings(meta).get("fire_fmax")
+    fmax = fmax if fmax is not None else (saved if saved is not None else default.fmax)
+    return fire.FireConfig(fmax=float(fmax), max_steps=int(max_steps if max_steps is not None else default.max_steps))
 
 
 def frame_stop_rule(meta: dict[str, Any], max_frames: int | None = None, stop_rms: float | None = None,
