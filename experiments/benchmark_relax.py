@@ -39,7 +39,7 @@ flags.DEFINE_integer("generated", 40, "Generated Si defect starts added to the s
 flags.DEFINE_float("rattle", 0.02, "Å, Gaussian rattle of each repeated copy (0: exact repeats).")
 flags.DEFINE_list("methods", ["frame", "fire"], "Relaxation methods of the API.")
 flags.DEFINE_integer("relax_batch_size", 16, "Rows per compiled batch (relax_structures batch_size).")
-flags.DEFINE_list("buckets", [], "Atom-count buckets of the API (default: the library's, 32, 64, 128, ...).")
+flags.DEFINE_list("buckets", [], "Atom-count buckets of the API (default: the library's DEFAULT_BUCKETS).")
 flags.DEFINE_integer("ase_subset", 16, "Structures relaxed by ASE FIRE one at a time (0: skip).")
 flags.DEFINE_string("out", "", "Optional JSON file for the rows.")
 flags.DEFINE_integer("force_call_repeats", 20, "Timed force calls per path in the force-call section (0: skip): "

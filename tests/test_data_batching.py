@@ -21,9 +21,13 @@ def _traj(n, t, k, seed=None):
 
 
 def test_bucket_atoms():
-    assert batching.bucket_atoms(1) == 32
+    assert batching.bucket_atoms(1) == 16
     assert batching.bucket_atoms(32) == 32
-    assert batching.bucket_atoms(33) == 64
+    assert batching.bucket_atoms(33) == 40
+    assert batching.bucket_atoms(65) == 72  # a 64-atom host with an interstitial
+    b = np.asarray(batching.DEFAULT_BUCKETS)
+    assert np.all(b % 8 == 0) and np.all(b[1:] > b[:-1]) and b[-1] == 1024
+    assert np.all(b[3:] / b[2:-1] <= 1.25)  # from 32 atoms on, at most 25% padding
     assert batching.bucket_atoms(65, buckets=(16, 65)) == 65
     with pytest.raises(ValueError, match="largest bucket"):
         batching.bucket_atoms(2000)
@@ -35,7 +39,7 @@ def test_relaxation_batches_shapes_padding_and_epoch():
     seen = []
     for b in batches:
         bsz, n = b.initial.positions.shape[:2]
-        assert bsz == 3 and n in (32, 64)
+        assert bsz == 3 and n in (16, 32, 40, 64)
         b.initial.check()
         assert b.target_positions.shape == (3, n, 3) and b.weight.shape == (3,)
         w = np.asarray(b.weight)

@@ -179,7 +179,7 @@ def test_intermediate_starts_give_the_expected_number_of_rollouts(morse_trajs):
     # starts at frames 0, 3 (stride 3, before the last frame 6): 2 per trajectory, 6 rollouts, batch 2
     assert [len(batching.intermediate_start_pairs(x, 3)) for x in t] == [2, 2, 2]
     _, _, _, steps = _finetune(t, [], epochs=1, start_stride=3)
-    # buckets: all trajectories have <= 32 atoms -> one bucket; 6 rollouts in batches of 2
+    # buckets: all trajectories have <= 16 atoms -> one bucket; 6 rollouts in batches of 2
     assert len(steps) == 3
     _, _, _, steps = _finetune(t, [], epochs=1, start_stride=0)
     assert len(steps) == 2  # 3 first-frame rollouts: a full batch and a half one
@@ -190,7 +190,7 @@ def test_frame_sampler_is_a_pure_function_of_seed_and_step(morse_trajs):
     b = batching.FrameSampler(morse_trajs, 4, seed=1)
     np.testing.assert_array_equal(a(5).forces, b(5).forces)
     assert not np.array_equal(np.asarray(a(5).forces), np.asarray(a(6).forces))
-    assert a(0).forces.shape == (4, 32, 3)
+    assert a(0).forces.shape == (4, 16, 3)  # 5-7 atoms: the smallest bucket
 
 
 def test_force_term_in_the_loop_is_logged_and_resume_identity_includes_it(morse_trajs, tmp_path):

@@ -51,11 +51,11 @@ def saved(tmp_path_factory, tiny):
 
 
 def _structures():
-    si = bulk("Si", "diamond", a=5.43, cubic=True)  # 8 atoms, bucket 32
+    si = bulk("Si", "diamond", a=5.43, cubic=True)  # 8 atoms, bucket 16
     si.rattle(0.05, seed=1)
     si.info["label"] = "si8"
     nacl = Structure(Lattice.cubic(4.2), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])  # 2 atoms
-    cu = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 3)  # 48 atoms, bucket 64
+    cu = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 3)  # 48 atoms, bucket 48
     cu.rattle(0.03, seed=2)
     gan = Structure.from_spacegroup("P6_3mc", Lattice.hexagonal(3.19, 5.19), ["Ga", "N"],
                                     [[1 / 3, 2 / 3, 0], [1 / 3, 2 / 3, 0.377]])  # 4 atoms, wurtzite
@@ -191,7 +191,7 @@ def test_ase_calculator_fire_matches_relax(tiny):
     # same bucket, different size: no recompilation
     jitted = api.jitted_forces(tiny.force_fn)
     n_compiled = jitted._cache_size()
-    other = bulk("Si", "diamond", a=5.43) * (2, 2, 2)  # 16 atoms, same bucket (32)
+    other = bulk("Si", "diamond", a=5.43) * (2, 2, 2)  # 16 atoms, same bucket (16)
     other.calc = calculator.BPTTCalculator(tiny)
     f = other.get_forces()
     assert f.shape == (16, 3) and f.dtype == np.float64 and np.isfinite(f).all()
