@@ -6,6 +6,8 @@ import os
 import statistics
 import time
 
+import numpy as np
+
 
 def load_1min() -> float:
     """The machine's 1-minute load average (recorded beside every timing)."""
@@ -95,3 +97,55 @@ def interleaved(calls: dict, repeats: int, compiles: CompileCounter) -> dict:
                                      "load_1min": statistics.median(loads[label]), "loads_1min": loads[label],
                                      "compiles": compiled[label]})
             for label in calls}
+
+
+def published_size(model):
+    """A :class:`TrainedModel` of the published ADAPT size (d_model 256, d_ff 512, 8 heads, 8 layers) with the
+    checkpoint's inputs, statistics and step rule and random weights: its force calls cost what a trained
+    published model's do, but it does not relax (time its force calls, not its relaxations)."""
+    import dataclasses
+
+    import jax
+
+    from bptt_mlip.models import registry
+    from bptt_mlip.workflow import api
+
+    config = dataclasses.replace(model.config, d_model=256, d_ff=512, num_heads=8, num_layers=8)
+    params = {"model": registry.init_params(config, jax.random.PRNGKey(0)), "step_rule": model.params["step_rule"]}
+    return api.TrainedModel(config, model.normalizer, params, model.step_rule, model.modifiers, model.meta)
+
+
+def force_call_row(name: str, model, atoms, batch_size: int, repeats: int, buckets: dict) -> dict:
+    """One force evaluation of ``atoms`` (an ASE structure) two ways, median of ``repeats`` after a warm-up:
+    batched as the relax API calls the model (``batch_size`` rattled copies, one jitted call on the padded bucket)
+    and through the library's ASE calculator one structure at a time (the positions move by 1e-4 Å before each
+    call, as an optimiser's step would, so that no result is cached). Returns atoms per second of each and their
+    ratio: the most the API's batching can gain over ASE's optimisers per force call, whatever the frame counts.
+    ``buckets``: ``{"buckets": ...}`` or ``{}`` (the library's), for both paths."""
+    import jax
+
+    from bptt_mlip import structures
+    from bptt_mlip.data import batching
+    from bptt_mlip.workflow import calculator
+
+    n_bucket = batching.bucket_atoms(len(atoms), **buckets)
+    rng = np.random.default_rng(0)
+    positions = [atoms.positions + rng.normal(scale=0.01, size=atoms.positions.shape) for _ in range(batch_size)]
+    batch = structures.from_arrays([atoms.get_chemical_symbols()] * batch_size, positions,
+                                   [np.asarray(atoms.cell)] * batch_size, max_atoms=n_bucket)
+    force_fn = jax.jit(model.force_fn)
+    batched = timed(lambda: block(force_fn(model.model_params, batch)), repeats)
+    work = atoms.copy()
+    work.calc = calculator.BPTTCalculator(model, on_out_of_domain="ignore", **buckets)
+
+    def one_call():
+        work.positions = work.positions + rng.normal(scale=1e-4, size=work.positions.shape)
+        return work.get_forces()
+
+    single = timed(one_call, repeats)
+    rate_batched = batch_size * len(atoms) / batched["median_s"]
+    rate_single = len(atoms) / single["median_s"]
+    return dict(model=name, params=model.num_params(), atoms=len(atoms), bucket_atoms=n_bucket, batch_size=batch_size,
+                batched_call_s=batched["median_s"], calculator_call_s=single["median_s"],
+                batched_atoms_per_s=rate_batched, calculator_atoms_per_s=rate_single,
+                batched_over_calculator=rate_batched / rate_single)

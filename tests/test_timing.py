@@ -1,5 +1,6 @@
-"""The relax benchmark's force-call section on a tiny model: both paths compute the same forces, the rates are
-the atoms each call evaluates over its median time, and the published-size model is the paper's ADAPT size."""
+"""The relax benchmark's force-call timing (experiments.timing) on a tiny model: both paths compute the same
+forces, the rates are the atoms each call evaluates over its median time, and the published-size model is the
+paper's ADAPT size."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from bptt_mlip import structures
 from bptt_mlip.models import adapt
 from bptt_mlip.relax.step_rules import FixedStep
 from bptt_mlip.workflow import api, calculator
-from experiments import benchmark_relax
+from experiments import timing
 
 
 def _tiny_model():
@@ -23,12 +24,12 @@ def test_force_call_row_rates_and_published_size():
     model = _tiny_model()
     atoms = bulk("Si", "diamond", a=5.43, cubic=True)  # 8 atoms
     atoms.rattle(0.05, seed=1)
-    row = benchmark_relax.force_call_row("tiny", model, atoms, batch_size=4, repeats=3, buckets={"buckets": (16,)})
+    row = timing.force_call_row("tiny", model, atoms, batch_size=4, repeats=3, buckets={"buckets": (16,)})
     assert row["atoms"] == 8 and row["bucket_atoms"] == 16 and row["params"] == model.num_params()
     assert np.isclose(row["batched_atoms_per_s"], 4 * 8 / row["batched_call_s"])
     assert np.isclose(row["calculator_atoms_per_s"], 8 / row["calculator_call_s"])
     assert np.isclose(row["batched_over_calculator"], row["batched_atoms_per_s"] / row["calculator_atoms_per_s"])
-    published = benchmark_relax.published_size(model)
+    published = timing.published_size(model)
     c = published.config
     assert (c.d_model, c.d_ff, c.num_heads, c.num_layers) == (256, 512, 8, 8)
     assert c.input_encoding == model.config.input_encoding and published.normalizer is model.normalizer
