@@ -65,7 +65,9 @@ def test_pretrain_finetune_and_ablation_scripts_end_to_end(tmp_path):
 
 
 def test_crossval_script_folds_and_variants(tmp_path):
-    flags = ["--max_trajectories=9", "--num_val=2", *MODEL_FLAGS, *PRETRAIN_FLAGS, *RUN_FLAGS]
+    # compaction off: 9 runs would each compile 3 copies of the model (tests/test_compaction.py covers it, and the
+    # end-to-end test above runs the scripts' default)
+    flags = ["--max_trajectories=9", "--num_val=2", *MODEL_FLAGS, *PRETRAIN_FLAGS, *RUN_FLAGS, "--compact_levels=0"]
     proc = run("crossval", f"--cv_dir={tmp_path / 'cv'}", "--cv_folds=3", "--variants=plain,force_augment",
                f"--extra={' '.join(flags)}")
     assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
