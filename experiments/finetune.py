@@ -147,16 +147,17 @@ def long_rollout_result(force_fn, model_params, best_step: float, bptt: BPTTResu
     return out
 
 
-def run_diagnostics(pre_per, bptt_per, fire_per, grid_train, forces, train_set, test, v: dict, labels: dict) -> dict:
+def run_diagnostics(pre_per, bptt_per, fire_per, grid_train, forces, train_set, test, v: dict, labels: dict,
+                    bptt_history=None) -> dict:
     """``diagnostics.diagnose`` of this run's evaluations (``forces``: test force errors ``{"pretrained": ...,
-    "bptt": ...}``; ``labels``: the table's names of the pretrained best-grid and BPTT rows); each warning
-    printed."""
+    "bptt": ...}``; ``labels``: the table's names of the pretrained best-grid and BPTT rows; ``bptt_history``:
+    the fine-tuning's per-epoch rows); each warning printed."""
     diag = diagnostics.diagnose(
         {"pretrained_best_grid": pre_per, "bptt": bptt_per}, max_frames=v["max_frames"],
         baseline="pretrained_best_grid", fire=fire_per, fire_max_steps=v["fire_max_steps"], fire_fmax=v["fire_fmax"],
         grid=grid_train, pretrained_forces=forces["pretrained"], tuned_forces=forces["bptt"],
         train_species=[t.species for t in train_set],
-        test_species=[t.species for t in test], labels=labels)
+        test_species=[t.species for t in test], labels=labels, bptt_history=bptt_history)
     for name, c in diag["relaxation"].items():
         common.info(f"{name}: " + ", ".join(f"{k[4:]} {n}" for k, n in c.items()))
     for warning in diag["warnings"]:
@@ -215,7 +216,7 @@ def main(argv):
         common.info(report.divergence_line(row))
     diag = run_diagnostics(pre_per, bptt.per_structure, fire_per, grid_train,
                            {"pretrained": pre_forces, "bptt": bptt_forces}, train_set, test, v,
-                           {"pretrained_best_grid": rows[-2]["setting"], "bptt": rows[-1]["setting"]})
+                           {"pretrained_best_grid": rows[-2]["setting"], "bptt": rows[-1]["setting"]}, bptt.history)
     long = None
     if FLAGS.long_rollout_factor > 1 and diagnostics.baseline_max_frames_warning(
             "", diag["relaxation"]["pretrained_best_grid"], v["max_frames"]):

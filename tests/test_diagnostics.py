@@ -139,6 +139,21 @@ def test_unseen_elements_named():
     assert dg.element_warnings(dg.element_counts([[14, 8]], [[8, 14]])) == []
 
 
+def test_kept_start_warning_when_no_epoch_beats_the_starting_model():
+    # the run of fold 2, guided gradients, periodic ADAPT (docs/results.md): validation Dq rose every epoch
+    rose = [{"epoch": 0, "val_mean_dq": 3.7623}, {"epoch": 1, "val_mean_dq": 3.8889, "train_dq": 5.2},
+            {"epoch": 2, "val_mean_dq": 4.0026}, {"epoch": 3, "val_mean_dq": 5.148}]
+    (w,) = dg.kept_start_warnings(rose)
+    assert "3.762" in w and "3.889 at epoch 1 of 3" in w and "starting model unchanged" in w
+    fell = [*rose[:2], {"epoch": 2, "val_mean_dq": 3.70}]
+    assert dg.kept_start_warnings(fell) == []
+    assert dg.kept_start_warnings(rose[:1]) == []  # no fine-tuning epoch: nothing to say
+    assert dg.kept_start_warnings([{"epoch": 0, "val_mean_dq": 3.0}, {"epoch": 1, "val_mean_dq": float("nan")}]) == []
+    assert dg.kept_start_warnings([{"epoch": 1, "val_mean_dq": 3.0}]) == []  # no starting value recorded
+    loud = dg.diagnose({"pretrained": per([1.0], [5.0], [20], [1])}, max_frames=75, bptt_history=rose)
+    assert loud["warnings"] == [w]
+
+
 def test_diagnose_collects_every_part():
     moved = per([1.0, 2.0], [5.0, 6.0], [20, 30], [1, 1])
     quiet = dg.diagnose({"pretrained": moved, "BPTT": moved}, max_frames=75, baseline="pretrained", fire=moved,

@@ -15,7 +15,7 @@ moving at all), ``num_frames`` [n] int (frames or FIRE steps applied), ``converg
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -212,6 +212,20 @@ def tuned_force_warnings(tuned: Mapping, pretrained: Mapping) -> list[str]:
             "--force_weight, keeps the forces)."]
 
 
+def kept_start_warnings(history: Sequence[Mapping], key: str = "val_mean_dq") -> list[str]:
+    """A warning when fine-tuning ran at least one epoch and none beat the starting model on ``key`` (the
+    validation Dq, amu^0.5 Å, of the history rows: epoch 0 is the model before training): the run then keeps
+    the starting model, so the "BPTT-tuned" rows show the pretrained model unchanged."""
+    scored = {int(h["epoch"]): float(h[key]) for h in history if key in h and np.isfinite(h[key])}
+    trained = {e: x for e, x in scored.items() if e > 0}
+    if 0 not in scored or not trained or min(trained.values()) < scored[0]:
+        return []
+    best = min(trained, key=trained.get)
+    return [f"No fine-tuning epoch lowered the validation Dq below the starting model's ({scored[0]:.4g}; best "
+            f"later {trained[best]:.4g} at epoch {best} of {max(trained)}): the BPTT-tuned model is the starting "
+            "model unchanged (try a smaller learning rate, or another gradient)."]
+
+
 def element_warnings(c: Mapping) -> list[str]:
     """A warning naming the test elements never seen in training (``c`` of :func:`element_counts`)."""
     if not c["unseen_in_training"]:
@@ -234,6 +248,7 @@ def diagnose(
     train_species: Iterable[Iterable[int]] | None = None,
     test_species: Iterable[Iterable[int]] | None = None,
     labels: Mapping[str, str] | None = None,
+    bptt_history: Sequence[Mapping] | None = None,
 ) -> dict:
     """Counts and warnings of one evaluation, each part only when its input is given.
 
@@ -248,6 +263,8 @@ def diagnose(
       tuned_forces: the same for the fine-tuned model (compared with ``pretrained_forces``).
       train_species, test_species: atomic numbers of each training / test structure.
       labels: name in ``relaxations`` -> the words warnings use for it (default the name).
+      bptt_history: per-epoch rows of the fine-tuning (epoch 0 before training), checked for a run that
+        kept its starting model (:func:`kept_start_warnings`).
 
     Returns:
       ``{"relaxation": {name: counts}, "fire": counts, "grid": counts, "forces": counts,
@@ -278,5 +295,7 @@ def diagnose(
     if train_species is not None and test_species is not None:
         out["elements"] = element_counts(train_species, test_species)
         warnings += element_warnings(out["elements"])
+    if bptt_history is not None:
+        warnings += kept_start_warnings(bptt_history)
     out["warnings"] = warnings
     return out
