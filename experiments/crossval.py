@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
+from bptt_mlip.training import diagnostics
 from experiments import common
 
 FLAGS = flags.FLAGS
@@ -103,6 +104,7 @@ def fold_row(base: dict, res: dict) -> dict:
         "force_rmse": tuned_f, "force_ratio": tuned_f / ref["pretrained_force_rmse"],
         "converged": tuned["num_converged"], "num_test": tuned["num_structures"], "diverged": tuned["num_diverged"],
         "basin_0.1": tuned.get("basin_0.1", float("nan")), "wall_s": res["timings_s"]["total_s"],
+        "kept_start": bool(diagnostics.kept_start_warnings(res.get("bptt_history", []))),
     }
 
 
@@ -124,6 +126,7 @@ def summarize_folds(rows: list[dict]) -> dict:
     for count in ("converged", "pretrained_converged", "fire_converged"):
         if all(count in r for r in rows):
             out[f"{count}_total"] = int(sum(r[count] for r in rows))
+    out["kept_start_folds"] = [r.get("fold", i) for i, r in enumerate(rows) if r.get("kept_start")]
     return out
 
 
@@ -169,6 +172,11 @@ def summary_markdown(summary: list[dict], failed: list[str], reference: list[dic
             f"{_pm(r['force_ratio_mean'], r['force_ratio_std'])} | {r['converged_total']}/{r['num_test_total']} | "
             f"{r['wall_s_mean']:.0f} |"
         )
+    kept = [f"{r['variant']} (fold {', '.join(str(k) for k in r['kept_start_folds'])})" for r in summary
+            if r.get("kept_start_folds")]
+    if kept:
+        table += ["", "Kept the starting model (no fine-tuning epoch lowered the validation Dq; its row counts the "
+                  "pretrained model): " + "; ".join(kept) + "."]
     table += ["", "Dq ratio: to the fold's pretrained model under the same relaxer (its best grid step; its FIRE for "
               "--relaxer=fire). Dq / not moving: to the Dq of the start structures."]
     text = "\n".join(table)

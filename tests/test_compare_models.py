@@ -65,6 +65,16 @@ def test_summary_markdown_has_the_reference_row_and_skips_missing_numbers():
     assert "| 2 | 8.000 ± 0.000 | 4.000 ± 0.000 | 2/4 |" in text
     old_row = {k: v for k, v in rows[0].items() if k not in ("basin_0.1", "dq_over_start")}  # older results
     assert "dq_over_start_mean" not in crossval.summarize_folds([old_row])
+    assert summary[0]["kept_start_folds"] == [] and "Kept the starting model" not in text
+    kept = _tuned([2.0, 1.0])
+    kept["bptt_history"] = [{"epoch": 0, "val_mean_dq": 3.0}, {"epoch": 1, "val_mean_dq": 3.5}]
+    rows_kept = [{"fold": 0, **rows[0]}, {"fold": 2, **crossval.fold_row(_base([10.0, 6.0], [4.0, 2.0], [5.0, 3.0]),
+                                                                         kept)}]
+    assert [r["kept_start"] for r in rows_kept] == [False, True]
+    summary_kept = [{"variant": "guided", "flags": "", **crossval.summarize_folds(rows_kept)}]
+    assert summary_kept[0]["kept_start_folds"] == [2]
+    assert "Kept the starting model" in crossval.summary_markdown(summary_kept, []) and "guided (fold 2)" in \
+        crossval.summary_markdown(summary_kept, [])
     one_fold = [{"variant": "plain", "flags": "", **crossval.summarize_folds(rows[:1])}]
     assert one_fold[0]["dq_std"] is None  # one fold has no spread: none is printed
     text = crossval.summary_markdown(one_fold, [], [crossval.reference_row(_base([10.0, 6.0], [4.0, 2.0],
