@@ -19,6 +19,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from bptt_mlip.training import loop
+
 NOT_MOVED_RTOL = 1e-3
 """A rollout "never moved" when its end-point Dq is within this fraction of the not-moving Dq."""
 FLAT_GRID_RTOL = 1e-2
@@ -218,7 +220,7 @@ def kept_start_warnings(history: Sequence[Mapping], key: str = "val_mean_dq") ->
     the starting model, so the "BPTT-tuned" rows show the pretrained model unchanged."""
     scored = {int(h["epoch"]): float(h[key]) for h in history if key in h and np.isfinite(h[key])}
     trained = {e: x for e, x in scored.items() if e > 0}
-    if 0 not in scored or not trained or min(trained.values()) < scored[0]:
+    if 0 not in scored or not trained or loop.best_epoch(history, key) != 0:  # the loop's own choice of epoch
         return []
     best = min(trained, key=trained.get)
     return [f"No fine-tuning epoch lowered the validation Dq below the starting model's ({scored[0]:.4g}; best "
