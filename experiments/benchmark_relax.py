@@ -149,13 +149,7 @@ def force_call_flops(model, objs, batch_size: int) -> dict:
     so a call with mixed buckets gets a lower bound of its FLOP rate."""
     import jax
 
-    from bptt_mlip import structures
-    from bptt_mlip.data import batching
-
-    n = batching.bucket_atoms(len(objs[0]), **bucket_kwargs())
-    first = objs[0]
-    batch = structures.from_arrays([first.get_chemical_symbols()] * batch_size, [first.positions] * batch_size,
-                                   [np.asarray(first.cell)] * batch_size, max_atoms=n)
+    batch, n = timing.copies_batch(objs[0], batch_size, bucket_kwargs())
     compiled = jax.jit(model.force_fn).lower(model.model_params, batch).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

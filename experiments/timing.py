@@ -115,6 +115,21 @@ def published_size(model):
     return api.TrainedModel(config, model.normalizer, params, model.step_rule, model.modifiers, model.meta)
 
 
+def copies_batch(atoms, batch_size: int, buckets: dict, rattle: float = 0.0, seed: int = 0):
+    """``(Structures of batch_size copies of atoms (an ASE structure), each rattled by rattle Å with seed,
+    padded to its bucket; the bucket's atom count)``; ``buckets``: ``{"buckets": ...}`` or ``{}`` (the
+    library's)."""
+    from bptt_mlip import structures
+    from bptt_mlip.data import batching
+
+    n_bucket = batching.bucket_atoms(len(atoms), **buckets)
+    rng = np.random.default_rng(seed)
+    positions = [atoms.positions + rng.normal(scale=rattle, size=atoms.positions.shape) for _ in range(batch_size)]
+    batch = structures.from_arrays([atoms.get_chemical_symbols()] * batch_size, positions,
+                                   [np.asarray(atoms.cell)] * batch_size, max_atoms=n_bucket)
+    return batch, n_bucket
+
+
 def force_call_row(name: str, model, atoms, batch_size: int, repeats: int, buckets: dict) -> dict:
     """One force evaluation of ``atoms`` (an ASE structure) two ways, median of ``repeats`` after a warm-up:
     batched as the relax API calls the model (``batch_size`` rattled copies, one jitted call on the padded bucket)
@@ -124,15 +139,10 @@ def force_call_row(name: str, model, atoms, batch_size: int, repeats: int, bucke
     ``buckets``: ``{"buckets": ...}`` or ``{}`` (the library's), for both paths."""
     import jax
 
-    from bptt_mlip import structures
-    from bptt_mlip.data import batching
     from bptt_mlip.workflow import calculator
 
-    n_bucket = batching.bucket_atoms(len(atoms), **buckets)
-    rng = np.random.default_rng(0)
-    positions = [atoms.positions + rng.normal(scale=0.01, size=atoms.positions.shape) for _ in range(batch_size)]
-    batch = structures.from_arrays([atoms.get_chemical_symbols()] * batch_size, positions,
-                                   [np.asarray(atoms.cell)] * batch_size, max_atoms=n_bucket)
+    batch, n_bucket = copies_batch(atoms, batch_size, buckets, rattle=0.01)
+    rng = np.random.default_rng(1)
     force_fn = jax.jit(model.force_fn)
     batched = timed(lambda: block(force_fn(model.model_params, batch)), repeats)
     work = atoms.copy()
