@@ -173,7 +173,8 @@ def test_overflow_is_detected_never_truncated():
 
 def test_cell_narrower_than_twice_the_cutoff_is_rejected():
     batch = _batch([_structure(4, np.eye(3) * 6.0, seed=9)])
-    with pytest.raises(ValueError, match=r"structure 0: cutoff 3.2 Å is not below half the smallest cell width"):
+    with pytest.raises(ValueError, match=r"structure 0: cutoff 3.2 Å is not below 0.5 x the smallest cell width "
+                                         r"\(6.000 Å\).*needs periodic_images=1"):
         eq.check_structures(CONFIG, batch)
     assert bool(neighbours.cell_too_small(batch.cell, CONFIG.cutoff)[0])
     assert np.isnan(_energy_force()(_params(), batch)[0][0])

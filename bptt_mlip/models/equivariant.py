@@ -24,11 +24,13 @@ because it takes one box and one unpadded neighbour list per system. Everything 
 differentiable with finite gradients: padded atoms and unused edge slots hold safe geometry and
 contribute exactly zero, so BPTT can differentiate ``-dE/dX`` with respect to the parameters.
 
-Structures whose neighbour count overflows the edge capacity, or whose cell is narrower than
-twice the cutoff, get NaN energies and forces on their real atoms (the rollout then marks them
-diverged; a trained step size would still see NaN in its gradient). Check on the host first with
-:func:`check_structures` or :func:`neighbour_overflow`; :func:`choose_capacity` picks a capacity
-bucket that fits a dataset (with a margin for atoms that move closer while relaxing).
+Structures whose neighbour count overflows the edge capacity, or whose cell is too narrow for the
+cutoff at ``periodic_images`` (narrower than twice the cutoff at the default 0), get NaN energies
+and forces on their real atoms (the rollout then marks them diverged; a trained step size would
+still see NaN in its gradient). Check on the host first with :func:`check_structures` or
+:func:`neighbour_overflow`; :func:`choose_periodic_images` picks the image shifts and
+:func:`choose_capacity` a capacity bucket that fit a dataset (with a margin for atoms that move
+closer while relaxing).
 """
 
 from __future__ import annotations
@@ -68,6 +70,10 @@ class EquivariantConfig:
       avg_neighbours: the neighbour sum is divided by sqrt(avg_neighbours) to keep activations O(1).
       messages: ``"density"`` (MACE-like, scalar hidden features) or ``"tensor"`` (NequIP-like,
         equivariant hidden features); see the module docstring.
+      periodic_images: lattice translations per cell axis searched for neighbours (see
+        :mod:`bptt_mlip.models.neighbours`): 0 takes each pair at its minimum image, exact for
+        cells wider than twice the cutoff; m allows cells wider than ``cutoff / (m + 1/2)`` at
+        ``(2m + 1)^3`` times the pair work. ``fit_config`` chooses it from the training data.
     """
 
     cutoff: float = 5.0
@@ -79,13 +85,15 @@ class EquivariantConfig:
     capacity: int = 48
     avg_neighbours: float = 28.0
     messages: str = "density"
+    periodic_images: int = 0
 
     def __post_init__(self):
         if self.messages not in MESSAGE_KINDS:
             raise ValueError(f"messages must be one of {MESSAGE_KINDS}, got {self.messages!r}")
         if self.capacity not in neighbours.CAPACITY_BUCKETS:
             raise ValueError(f"capacity must be one of {neighbours.CAPACITY_BUCKETS}, got {self.capacity}")
-        if self.cutoff <= 0 or self.channels < 1 or self.max_angular < 0 or self.num_layers < 1 or self.num_radial < 1:
+        if (self.cutoff <= 0 or self.channels < 1 or self.max_angular < 0 or self.num_layers < 1
+                or self.num_radial < 1 or self.periodic_images < 0):
             raise ValueError(f"invalid EquivariantConfig values: {self}")
 
     @property
@@ -261,12 +269,12 @@ def structure_energies(params: Params, structures: Structures, config: Equivaria
     Energies of invalid structures are computed on a truncated edge list and must not be used.
     """
     edges = neighbours.build_edges(structures.positions, structures.cell, structures.mask, config.cutoff,
-                                   config.capacity)
+                                   config.capacity, config.periodic_images)
     out = EquivariantPotential(config).apply({"params": params}, structures.species, edges.vectors, edges.mask,
                                              edges.index)
     per_atom = energy_scale.energy_scale * out + energy_scale.element_shift[structures.species]
     energies = jnp.sum(jnp.where(structures.mask, per_atom, 0.0), axis=-1)
-    invalid = edges.overflow | neighbours.cell_too_small(structures.cell, config.cutoff)
+    invalid = edges.overflow | neighbours.cell_too_small(structures.cell, config.cutoff, config.periodic_images)
     return energies, invalid
 
 
@@ -320,28 +328,40 @@ def make_train_force_fn(config: EquivariantConfig, normalizer_or_scale: ScaleLik
 
 def neighbour_overflow(config: EquivariantConfig, structures: Structures) -> jnp.ndarray:
     """[B] bool: some atom has more neighbours within the cutoff than ``config.capacity`` (jit-able)."""
-    counts = neighbours.neighbour_counts(structures.positions, structures.cell, structures.mask, config.cutoff)
+    counts = neighbours.neighbour_counts(structures.positions, structures.cell, structures.mask, config.cutoff,
+                                         config.periodic_images)
     return jnp.any(counts > config.capacity, axis=-1)
 
 
 def max_neighbour_count(config: EquivariantConfig, structures: Structures) -> int:
     """The largest number of neighbours within the cutoff of any atom of the batch (host)."""
-    counts = neighbours.neighbour_counts(structures.positions, structures.cell, structures.mask, config.cutoff)
+    counts = neighbours.neighbour_counts(structures.positions, structures.cell, structures.mask, config.cutoff,
+                                         config.periodic_images)
     return int(jnp.max(counts, initial=0))
 
 
 def check_structures(config: EquivariantConfig, structures: Structures, where: str = "") -> None:
-    """Raise ValueError naming every structure of the batch whose cell is narrower than twice the
-    cutoff or whose neighbour count exceeds the capacity (host-side, before running)."""
-    problems = neighbours.host_cell_check(np.asarray(structures.cell), config.cutoff)
+    """Raise ValueError naming every structure of the batch whose cell is too narrow for the cutoff
+    at ``config.periodic_images``, or whose neighbour count exceeds the capacity (host-side, before
+    running)."""
+    problems = neighbours.host_cell_check(np.asarray(structures.cell), config.cutoff, config.periodic_images)
+    if problems:  # neighbour counts of a cell the list cannot cover would be wrong
+        raise ValueError(f"equivariant model cannot run {where or 'this batch'}:\n  " + "\n  ".join(problems))
     counts = np.asarray(neighbours.neighbour_counts(structures.positions, structures.cell, structures.mask,
-                                                    config.cutoff))
+                                                    config.cutoff, config.periodic_images))
     for b in np.nonzero(counts.max(axis=-1, initial=0) > config.capacity)[0]:
         largest = int(counts[b].max())
         problems.append(f"structure {b}: an atom has {largest} neighbours within {config.cutoff} Å, more than the "
                         f"capacity {config.capacity} (use capacity={neighbours.capacity_bucket(largest)})")
     if problems:
         raise ValueError(f"equivariant model cannot run {where or 'this batch'}:\n  " + "\n  ".join(problems))
+
+
+def choose_periodic_images(config: EquivariantConfig, structures_list: list[Structures]) -> EquivariantConfig:
+    """``config`` with the smallest ``periodic_images`` (never below the one it has) that finds every
+    pair within the cutoff in every cell of every batch."""
+    needed = [neighbours.images_needed(c, config.cutoff) for s in structures_list for c in np.asarray(s.cell)]
+    return dataclasses.replace(config, periodic_images=max([config.periodic_images] + needed))
 
 
 def choose_capacity(config: EquivariantConfig, structures_list: list[Structures], margin: int = 4) -> EquivariantConfig:

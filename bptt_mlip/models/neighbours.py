@@ -1,22 +1,27 @@
 """Fixed-capacity periodic neighbour (edge) lists of padded batches, built inside jit.
 
-Every atom i of structure b gets ``K`` edge slots ``index[b, i, k]`` holding the neighbours j != i
-closer than the cutoff (minimum image, real atoms only), in increasing j; unused slots are
-masked. The edge vectors ``x_j - x_i`` (Å) are gathered from the batch's minimum-image pair
+Every atom i of structure b gets ``K`` edge slots ``index[b, i, k]`` holding the neighbours j
+(real atoms only; j = i only for a periodic image of i itself) closer than the cutoff, in
+increasing j (then image); unused slots are masked. The edge vectors ``x_j - x_i`` (Å, the
+periodic image's position for ``x_j``) are built from the batch's minimum-image pair
 displacements, so they are differentiable in the positions (and the cell); the choice of
 neighbours is not (it is made on stop-gradient distances, and a smooth cutoff envelope makes the
 energy continuous when a pair enters or leaves).
 
-Why not jax-md's ``partition.neighbor_list``: it is built per system with one box, knows nothing
-of the padding mask, and its capacity is a Python-side reallocation. Cells of 8-216 atoms need
-only the dense [N, N] minimum-image distances, which handle a different cell per structure and
-padding exactly.
+Periodic images: with ``images = 0`` (the default) each pair is taken at its minimum image only,
+exact while the cutoff is below half the smallest perpendicular width of every periodic cell.
+Smaller cells (a 32-atom GaN supercell is 5.5 Å wide; a primitive cell a few Å) need more than
+one image of a neighbour, and of an atom itself: ``images = m`` also searches the minimum-image
+displacement shifted by every lattice translation ``n @ cell`` with integer ``n`` in
+``{-m, ..., m}^3``, exact while the cutoff is below ``(m + 1/2)`` times the smallest width (the
+wrapped fractional displacement lies in [-1/2, 1/2), so along the normal of each face pair an
+image ``n`` is at least ``(|n_k| - 1/2) * width_k`` away). The pair work grows as ``(2m + 1)^3``;
+:func:`images_needed` gives the smallest ``m`` for a cell on the host.
 
 Assumptions and limits:
 
-* the cutoff is below half the smallest perpendicular width of every periodic cell, so each pair
-  has at most one image within the cutoff and fractional rounding finds it exactly
-  (:func:`cell_too_small` flags cells that break this);
+* the cutoff is below ``(images + 1/2)`` times the smallest perpendicular width of every periodic
+  cell (:func:`cell_too_small` flags cells that break this);
 * capacity K comes from :data:`CAPACITY_BUCKETS` so that a run compiles a bounded number of
   shapes; an atom with more than K neighbours within the cutoff sets its structure's ``overflow``
   flag. Nothing is truncated silently: models built on this list poison such structures with NaN.
@@ -74,57 +79,101 @@ def perpendicular_widths(cell: jnp.ndarray) -> jnp.ndarray:
     return jnp.where(periodic, width, jnp.inf)
 
 
-def cell_too_small(cell: jnp.ndarray, cutoff: float) -> jnp.ndarray:
-    """[B] bool: the minimum image is not exact for this cutoff (cutoff >= half the smallest width)."""
-    return cutoff >= 0.5 * perpendicular_widths(cell)
+def cell_too_small(cell: jnp.ndarray, cutoff: float, images: int = 0) -> jnp.ndarray:
+    """[B] bool: ``images`` image shifts per axis do not find every pair within the cutoff
+    (cutoff >= (images + 1/2) x the smallest width; see the module docstring)."""
+    return cutoff >= (images + 0.5) * perpendicular_widths(cell)
 
 
-def neighbour_counts(positions: jnp.ndarray, cell: jnp.ndarray, mask: jnp.ndarray, cutoff: float) -> jnp.ndarray:
-    """[B, N] int32 number of real neighbours j != i within ``cutoff`` Å of each real atom."""
-    return jnp.sum(_within_cutoff(jax.lax.stop_gradient(minimum_image_displacements(positions, cell)), mask, cutoff),
-                   axis=-1).astype(jnp.int32)
+def image_shifts(images: int) -> np.ndarray:
+    """[S, 3] integer lattice translations ``n`` in ``{-images, ..., images}^3``, ``S = (2 images + 1)^3``,
+    the zero shift first."""
+    if images < 0:
+        raise ValueError(f"images must be >= 0, got {images}")
+    r = range(-images, images + 1)
+    shifts = [(a, b, c) for a in r for b in r for c in r if (a, b, c) != (0, 0, 0)]
+    return np.asarray([(0, 0, 0)] + shifts, np.int32)
 
 
-def _within_cutoff(displacements: jnp.ndarray, mask: jnp.ndarray, cutoff: float) -> jnp.ndarray:
+def images_needed(cell: np.ndarray, cutoff: float) -> int:
+    """The smallest ``images`` for which pairs within ``cutoff`` Å are all found in ``cell`` [3, 3]
+    (rows, Å): 0 while the cutoff is below half the smallest width; 0 for a non-periodic cell."""
+    width = 2.0 * cutoff_limit(cell)
+    if not np.isfinite(width) or cutoff < 0.5 * width:
+        return 0
+    return int(np.floor(cutoff / width - 0.5)) + 1
+
+
+def neighbour_counts(positions: jnp.ndarray, cell: jnp.ndarray, mask: jnp.ndarray, cutoff: float,
+                     images: int = 0) -> jnp.ndarray:
+    """[B, N] int32 number of real neighbours (periodic images included) within ``cutoff`` Å of each
+    real atom."""
+    _, within = _candidates(jax.lax.stop_gradient(positions), cell, mask, cutoff, images)
+    return jnp.sum(within, axis=-1).astype(jnp.int32)
+
+
+def _candidates(positions: jnp.ndarray, cell: jnp.ndarray, mask: jnp.ndarray, cutoff: float,
+                images: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Candidate neighbours of every atom: vectors [B, N, N S, 3] Å (candidate ``c = j S + s`` is
+    atom j shifted by ``image_shifts(images)[s] @ cell``) and ``within`` [B, N, N S] bool (both atoms
+    real, not the atom itself, closer than the cutoff; decided on stop-gradient vectors)."""
     n = mask.shape[-1]
-    pair = mask[:, :, None] & mask[:, None, :] & jnp.logical_not(jnp.eye(n, dtype=bool))
-    return pair & (jnp.sum(displacements * displacements, axis=-1) < cutoff * cutoff)
+    displacements = minimum_image_displacements(positions, cell)  # [B, N, N, 3]
+    pair = mask[:, :, None] & mask[:, None, :]
+    if images == 0:
+        vectors = displacements
+        candidate = pair & jnp.logical_not(jnp.eye(n, dtype=bool))
+    else:
+        shifts = jnp.asarray(image_shifts(images), cell.dtype)  # [S, 3]
+        num_shifts = shifts.shape[0]
+        periodic = jnp.abs(jnp.linalg.det(cell)) > 1e-6
+        translations = jnp.einsum("sk,bkd->bsd", shifts, cell)  # [B, S, 3]
+        vectors = (displacements[:, :, :, None, :] + translations[:, None, None, :, :]).reshape(
+            displacements.shape[:2] + (n * num_shifts, 3))
+        not_self = jnp.logical_not(jnp.eye(n, dtype=bool))[:, :, None] | (jnp.arange(num_shifts) > 0)
+        # a non-periodic structure has only the zero shift (its translations are all zero)
+        allowed = not_self[None] & ((jnp.arange(num_shifts) == 0) | periodic[:, None, None, None])
+        candidate = (pair[..., None] & allowed).reshape(pair.shape[:2] + (n * num_shifts,))
+    fixed = jax.lax.stop_gradient(vectors)
+    return vectors, candidate & (jnp.sum(fixed * fixed, axis=-1) < cutoff * cutoff)
 
 
 def build_edges(
-    positions: jnp.ndarray, cell: jnp.ndarray, mask: jnp.ndarray, cutoff: float, capacity: int
+    positions: jnp.ndarray, cell: jnp.ndarray, mask: jnp.ndarray, cutoff: float, capacity: int, images: int = 0
 ) -> EdgeList:
     """Neighbour lists of a padded batch (see the module docstring).
 
     Args:
       positions: [B, N, 3] Å. cell: [B, 3, 3] Å (rows; zero = non-periodic). mask: [B, N] bool.
-      cutoff: Å. capacity: K edge slots per atom (a static int; clipped to N).
+      cutoff: Å. capacity: K edge slots per atom (a static int; clipped to the number of
+      candidates). images: image shifts per cell axis (a static int, see :func:`image_shifts`).
     """
-    n = positions.shape[1]
-    k = min(int(capacity), n)
-    displacements = minimum_image_displacements(positions, cell)  # [B, N, N, 3]
-    within = _within_cutoff(jax.lax.stop_gradient(displacements), mask, cutoff)
+    vectors, within = _candidates(positions, cell, mask, cutoff, images)
+    num_candidates = within.shape[-1]
+    k = min(int(capacity), num_candidates)
     counts = jnp.sum(within, axis=-1).astype(jnp.int32)
-    # a distinct positive score per neighbour, largest for the smallest j: top_k keeps the real
-    # neighbours first, in increasing j, and zero scores (not neighbours) last
-    score = jnp.where(within, n - jnp.arange(n, dtype=jnp.int32), 0)
-    top, index = jax.lax.top_k(score, k)
+    # a distinct positive score per candidate, largest for the smallest (j, image): top_k keeps the
+    # real neighbours first, in that order, and zero scores (not neighbours) last
+    score = jnp.where(within, num_candidates - jnp.arange(num_candidates, dtype=jnp.int32), 0)
+    top, slot = jax.lax.top_k(score, k)
     edge_mask = top > 0
-    index = jnp.where(edge_mask, index, 0).astype(jnp.int32)
-    vectors = jnp.take_along_axis(displacements, index[..., None], axis=2)
+    slot = jnp.where(edge_mask, slot, 0).astype(jnp.int32)
+    edge_vectors = jnp.take_along_axis(vectors, slot[..., None], axis=2)
     safe = jnp.asarray([0.0, 0.0, 0.5 * cutoff], positions.dtype)
-    vectors = jnp.where(edge_mask[..., None], vectors, safe)
+    edge_vectors = jnp.where(edge_mask[..., None], edge_vectors, safe)
+    index = (slot // (2 * images + 1) ** 3).astype(jnp.int32)  # candidate j S + s -> atom j
     overflow = jnp.any(counts > k, axis=-1)
-    return EdgeList(index=index, vectors=vectors, mask=edge_mask, counts=counts, overflow=overflow)
+    return EdgeList(index=index, vectors=edge_vectors, mask=edge_mask, counts=counts, overflow=overflow)
 
 
-def host_cell_check(cell: np.ndarray, cutoff: float) -> list[str]:
-    """Messages (empty if none) naming each structure of ``cell`` [B, 3, 3] whose minimum image
-    is not exact at ``cutoff`` Å, with the largest cutoff it allows."""
+def host_cell_check(cell: np.ndarray, cutoff: float, images: int = 0) -> list[str]:
+    """Messages (empty if none) naming each structure of ``cell`` [B, 3, 3] whose pairs within
+    ``cutoff`` Å are not all found with ``images`` image shifts, with the ``images`` it needs."""
     problems = []
     for b, c in enumerate(np.asarray(cell, np.float64)):
-        limit = cutoff_limit(c)
-        if cutoff >= limit:
-            problems.append(f"structure {b}: cutoff {cutoff} Å is not below half the smallest cell width "
-                            f"({limit:.3f} Å); the minimum image would miss or double-count pairs")
+        needed = images_needed(c, cutoff)
+        if needed > images:
+            problems.append(f"structure {b}: cutoff {cutoff} Å is not below {images + 0.5:g} x the smallest cell "
+                            f"width ({2 * cutoff_limit(c):.3f} Å); the neighbour list would miss pairs "
+                            f"(it needs periodic_images={needed})")
     return problems

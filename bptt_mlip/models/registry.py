@@ -47,7 +47,8 @@ class ModelKind:
       make_train_force_fn: ``(config, statistics) -> force_fn(params, structures, key)`` (dropout key).
       fit_statistics: ``(trajectories) -> statistics`` fitted on training trajectories (every frame).
       fit_config: ``(config, trajectories) -> config`` adjusted to the data before training (the
-        equivariant model's neighbour capacity); raises ValueError for data the model cannot run.
+        equivariant model's periodic images and neighbour capacity); raises ValueError for data
+        the model cannot run.
       make_energy_force_fn: ``(config, statistics) -> fn(params, structures) -> (energies [B] eV,
         forces [B, N, 3] eV/Å)``, or None for a model that predicts forces directly.
     """
@@ -92,15 +93,15 @@ def energy_scale_from_trajectories(trajs: Sequence["Trajectory"]) -> equivariant
                                         energies if np.all(np.isfinite(energies)) else None)
 
 
-def fit_equivariant_capacity(config: equivariant.EquivariantConfig, trajs: Sequence["Trajectory"],
-                             batch_size: int = 32) -> equivariant.EquivariantConfig:
-    """``config`` with the smallest neighbour capacity holding every frame of ``trajs`` (plus the
-    margin of :func:`equivariant.choose_capacity`); ValueError naming any batch whose cell is
-    narrower than twice the cutoff."""
+def fit_equivariant_neighbours(config: equivariant.EquivariantConfig, trajs: Sequence["Trajectory"],
+                               batch_size: int = 32) -> equivariant.EquivariantConfig:
+    """``config`` with the periodic image shifts that every training cell needs at its cutoff and
+    the smallest neighbour capacity holding every frame of ``trajs`` (plus the margin of
+    :func:`equivariant.choose_capacity`)."""
     from bptt_mlip.data import batching
 
     batches = [b.structures for b in batching.force_batches(trajs, batch_size)]
-    fitted = equivariant.choose_capacity(config, batches)
+    fitted = equivariant.choose_capacity(equivariant.choose_periodic_images(config, batches), batches)
     for i, structures in enumerate(batches):
         equivariant.check_structures(fitted, structures, where=f"training frames (batch {i})")
     return fitted
@@ -112,7 +113,7 @@ KINDS: dict[str, ModelKind] = {
     "equivariant": ModelKind(
         "equivariant", equivariant.EquivariantConfig, equivariant.EnergyScale, equivariant.init_params,
         _equivariant_builder(equivariant.make_force_fn), _equivariant_builder(equivariant.make_train_force_fn),
-        energy_scale_from_trajectories, fit_equivariant_capacity,
+        energy_scale_from_trajectories, fit_equivariant_neighbours,
         _equivariant_builder(equivariant.make_energy_force_fn)),
 }
 
@@ -154,7 +155,8 @@ def fit_statistics(config: Any, trajs: Sequence["Trajectory"]) -> Any:
 
 
 def fit_config(config: Any, trajs: Sequence["Trajectory"]) -> Any:
-    """``config`` adjusted to the training data (the equivariant model's neighbour capacity)."""
+    """``config`` adjusted to the training data (the equivariant model's periodic images and
+    neighbour capacity)."""
     return get(kind_of(config)).fit_config(config, trajs)
 
 
