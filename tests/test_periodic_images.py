@@ -76,7 +76,7 @@ def test_edges_match_ase_neighbour_list(cutoff):
 
 def test_small_cell_equals_its_supercell():
     small = _small_item()
-    config = eq.choose_periodic_images(CONFIG, [_batch([small])])
+    config = eq.choose_periodic_images(CONFIG, [small[2]])
     assert config.periodic_images == 1
     big = _supercell(small, 3)  # 9-10.5 Å wide: the minimum image is exact at 3.2 Å
     assert neighbours.images_needed(big[2], CONFIG.cutoff) == 0
@@ -128,3 +128,36 @@ def test_images_leave_wide_and_non_periodic_structures_unchanged():
     assert np.all(np.isfinite(np.asarray(e0)))
     np.testing.assert_allclose(e1, e0, rtol=1e-5)
     np.testing.assert_allclose(f1, f0, atol=ATOL)
+
+
+def _trained(config):
+    from bptt_mlip.workflow import api
+
+    params = {"model": eq.init_params(CONFIG, jax.random.PRNGKey(3)), "step_rule": {}}
+    return api.TrainedModel(config, eq.EnergyScale.constant(SCALE), params)
+
+
+def test_relax_api_and_calculator_widen_the_search_for_a_narrow_cell():
+    """A model saved with periodic_images=0 relaxes a cell that needs 1: the API and the calculator
+    give what the same model with periodic_images=1 gives, and the supercell's forces repeat it."""
+    from bptt_mlip.workflow.api import relax_structures
+    from bptt_mlip.workflow.calculator import BPTTCalculator
+
+    symbols, x, cell = _small_item()
+    atoms = Atoms(symbols, positions=x, cell=cell, pbc=True)
+    saved = _trained(CONFIG)
+    assert saved.covering([np.eye(3) * 8.0]) is saved  # a wide cell changes nothing
+    assert saved.covering([cell]).config.periodic_images == 1
+    fire = dict(method="fire", on_out_of_domain="ignore", in_flight=False)
+    ours = relax_structures(atoms, saved, **fire)
+    reference = relax_structures(atoms, _trained(dataclasses.replace(CONFIG, periodic_images=1)), **fire)
+    assert not ours.diverged[0] and ours.num_frames[0] > 0
+    np.testing.assert_allclose(ours.structures[0].positions, reference.structures[0].positions, atol=1e-5)
+
+    atoms.calc = BPTTCalculator(saved, on_out_of_domain="ignore")
+    forces = atoms.get_forces()
+    big = Atoms(*_supercell((symbols, x, cell), 3)[:2], cell=cell * 3, pbc=True)
+    big.calc = BPTTCalculator(saved, on_out_of_domain="ignore")
+    assert np.abs(forces).max() > 1e-2
+    np.testing.assert_allclose(big.get_forces().reshape(27, 2, 3), np.broadcast_to(forces, (27, 2, 3)), atol=ATOL)
+    np.testing.assert_allclose(big.get_potential_energy(), 27 * atoms.get_potential_energy(), rtol=1e-5)

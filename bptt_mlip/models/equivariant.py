@@ -357,10 +357,12 @@ def check_structures(config: EquivariantConfig, structures: Structures, where: s
         raise ValueError(f"equivariant model cannot run {where or 'this batch'}:\n  " + "\n  ".join(problems))
 
 
-def choose_periodic_images(config: EquivariantConfig, structures_list: list[Structures]) -> EquivariantConfig:
+def choose_periodic_images(config: EquivariantConfig, cells) -> EquivariantConfig:
     """``config`` with the smallest ``periodic_images`` (never below the one it has) that finds every
-    pair within the cutoff in every cell of every batch."""
-    needed = [neighbours.images_needed(c, config.cutoff) for s in structures_list for c in np.asarray(s.cell)]
+    pair within the cutoff in each of ``cells`` (an iterable of [3, 3] lattices, rows, Å; or
+    [B, 3, 3] arrays of them). The parameters do not depend on it: a trained model stays the same
+    function of the positions, only its neighbour search reaches farther."""
+    needed = [neighbours.images_needed(c, config.cutoff) for c in np.asarray(cells, np.float64).reshape(-1, 3, 3)]
     return dataclasses.replace(config, periodic_images=max([config.periodic_images] + needed))
 
 

@@ -101,7 +101,8 @@ def fit_equivariant_neighbours(config: equivariant.EquivariantConfig, trajs: Seq
     from bptt_mlip.data import batching
 
     batches = [b.structures for b in batching.force_batches(trajs, batch_size)]
-    fitted = equivariant.choose_capacity(equivariant.choose_periodic_images(config, batches), batches)
+    cells = np.concatenate([np.asarray(b.cell) for b in batches]) if batches else np.zeros((0, 3, 3))
+    fitted = equivariant.choose_capacity(equivariant.choose_periodic_images(config, cells), batches)
     for i, structures in enumerate(batches):
         equivariant.check_structures(fitted, structures, where=f"training frames (batch {i})")
     return fitted
@@ -123,6 +124,15 @@ def get(kind: str) -> ModelKind:
     if kind not in KINDS:
         raise ValueError(f"unknown model kind {kind!r}; known kinds: {sorted(KINDS)}")
     return KINDS[kind]
+
+
+def covering_cells(config: Any, cells) -> Any:
+    """``config`` able to run structures of these cells (an iterable of [3, 3] lattices, Å): the
+    equivariant model's neighbour search widened to the periodic images they need (its parameters
+    and its function of the positions unchanged); other kinds' configs as they are."""
+    if isinstance(config, equivariant.EquivariantConfig):
+        return equivariant.choose_periodic_images(config, cells)
+    return config
 
 
 def kind_of(config: Any) -> str:

@@ -137,6 +137,16 @@ class TrainedModel:
     def num_params(self) -> int:
         return registry.count_params(self.params["model"])
 
+    def covering(self, cells) -> "TrainedModel":
+        """This model able to run structures of ``cells`` (an iterable of [3, 3] lattices, rows, Å;
+        zeros or None for a non-periodic structure): the equivariant model's neighbour search widened
+        to the periodic images a cell narrower than twice its cutoff needs
+        (:func:`bptt_mlip.models.registry.covering_cells`; same parameters, same function of the
+        positions). Itself when nothing needs to change."""
+        lattices = [np.zeros((3, 3)) if c is None else np.asarray(c, np.float64) for c in cells]
+        config = registry.covering_cells(self.config, lattices)
+        return self if config == self.config else dataclasses.replace(self, config=config)
+
 
 def _inference_rule(
     model: TrainedModel | None, step_size: float | None
@@ -326,6 +336,8 @@ def relax_structures(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     compile_cache.enable_unless_configured()
     objs = _structure_list(structures)
+    if isinstance(model, TrainedModel):
+        model = model.covering([structures_lib.atoms_arrays(o)[2] for o in objs])
     force_fn, full_params, trained = resolve_model(model, params)
     domain = domain if domain is not None else (trained.domain if trained is not None else None)
     problems = domain_lib.screen(domain, objs, on_out_of_domain)

@@ -85,10 +85,22 @@ class BPTTCalculator(Calculator):
         self._params = full_params["model"]
         self.model = model
         self.buckets = tuple(buckets)
+        self._trained = trained
         energy_force_fn = None if trained is None else trained.energy_force_fn
         self.has_energy = energy_force_fn is not None
         self.implemented_properties = ["energy", "free_energy", "forces"] if self.has_energy else ["forces"]
         self._jitted = api.jitted_forces(energy_force_fn if self.has_energy else self._force_fn)
+
+    def _cover_cell(self, atoms) -> None:
+        """Widen the model's neighbour search when ``atoms``' cell needs more periodic images
+        (:meth:`~bptt_mlip.workflow.api.TrainedModel.covering`); recompiles only then."""
+        if self._trained is None:
+            return
+        covering = self._trained.covering([structures_lib.atoms_arrays(atoms)[2]])
+        if covering is not self._trained:
+            self._trained = covering
+            self._force_fn = covering.force_fn
+            self._jitted = api.jitted_forces(covering.energy_force_fn if self.has_energy else covering.force_fn)
 
     def get_property(self, name, atoms=None, allow_calculation=True):
         if name not in self.implemented_properties:
@@ -98,6 +110,7 @@ class BPTTCalculator(Calculator):
     def calculate(self, atoms=None, properties=("forces",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         self._screen(self.atoms)
+        self._cover_cell(self.atoms)
         n = len(self.atoms)
         batch = structures_lib.from_atoms([self.atoms], max_atoms=bucket_atoms(n, self.buckets), batch_size=1)
         if not self.has_energy:
