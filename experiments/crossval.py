@@ -105,8 +105,18 @@ def fold_row(base: dict, res: dict) -> dict:
         "converged": tuned["num_converged"], "num_test": tuned["num_structures"], "diverged": tuned["num_diverged"],
         "basin_0.1": tuned.get("basin_0.1", float("nan")), "wall_s": res["timings_s"]["total_s"],
         "kept_start": bool(diagnostics.kept_start_warnings(res.get("bptt_history", []))),
+        "exploded": bool(diagnostics.exploding_gradient_warnings(res.get("bptt_history", []))),
     }
 
+
+FOLD_FLAGS = {
+    "kept_start": "Kept the starting model (no fine-tuning epoch lowered the validation Dq; its row counts the "
+                  "pretrained model)",
+    "exploded": "BPTT gradients exploded in some epoch (mean gradient norm above "
+                f"{diagnostics.EXPLODING_GRADIENT_NORM:.0e}; clipped)",
+}
+"""Per-run flags a fold row carries (True when the run's diagnostics warned), each named under crossval.md's
+table with the folds where it was raised."""
 
 SUMMARIZED = ("dq", "dq_ratio", "dq_over_start", "force_rmse", "force_ratio", "converged", "basin_0.1", "wall_s",
               "start_dq", "pretrained_dq", "fire_dq", "pretrained_force_rmse", "pretrained_force_over_zero",
@@ -126,7 +136,8 @@ def summarize_folds(rows: list[dict]) -> dict:
     for count in ("converged", "pretrained_converged", "fire_converged"):
         if all(count in r for r in rows):
             out[f"{count}_total"] = int(sum(r[count] for r in rows))
-    out["kept_start_folds"] = [r.get("fold", i) for i, r in enumerate(rows) if r.get("kept_start")]
+    for flag in FOLD_FLAGS:
+        out[f"{flag}_folds"] = [r.get("fold", i) for i, r in enumerate(rows) if r.get(flag)]
     return out
 
 
@@ -172,11 +183,11 @@ def summary_markdown(summary: list[dict], failed: list[str], reference: list[dic
             f"{_pm(r['force_ratio_mean'], r['force_ratio_std'])} | {r['converged_total']}/{r['num_test_total']} | "
             f"{r['wall_s_mean']:.0f} |"
         )
-    kept = [f"{r['variant']} (fold {', '.join(str(k) for k in r['kept_start_folds'])})" for r in summary
-            if r.get("kept_start_folds")]
-    if kept:
-        table += ["", "Kept the starting model (no fine-tuning epoch lowered the validation Dq; its row counts the "
-                  "pretrained model): " + "; ".join(kept) + "."]
+    for flag, words in FOLD_FLAGS.items():
+        named = [f"{r['variant']} (fold {', '.join(str(k) for k in r[f'{flag}_folds'])})" for r in summary
+                 if r.get(f"{flag}_folds")]
+        if named:
+            table += ["", f"{words}: " + "; ".join(named) + "."]
     table += ["", "Dq ratio: to the fold's pretrained model under the same relaxer (its best grid step; its FIRE for "
               "--relaxer=fire). Dq / not moving: to the Dq of the start structures."]
     text = "\n".join(table)

@@ -75,6 +75,13 @@ def test_summary_markdown_has_the_reference_row_and_skips_missing_numbers():
     assert summary_kept[0]["kept_start_folds"] == [2]
     assert "Kept the starting model" in crossval.summary_markdown(summary_kept, []) and "guided (fold 2)" in \
         crossval.summary_markdown(summary_kept, [])
+    assert summary_kept[0]["exploded_folds"] == [] and "exploded" not in crossval.summary_markdown(summary_kept, [])
+    exploded = _tuned([2.0, 1.0])
+    exploded["bptt_history"] = [{"epoch": 1, "train_grad_norm": 9e8}, {"epoch": 2, "train_grad_norm": 100.0}]
+    rows_exploded = [{"fold": 1, **crossval.fold_row(_base([10.0, 6.0], [4.0, 2.0], [5.0, 3.0]), exploded)}]
+    text_exploded = crossval.summary_markdown([{"variant": "plain", "flags": "",
+                                                **crossval.summarize_folds(rows_exploded)}], [])
+    assert "BPTT gradients exploded in some epoch" in text_exploded and "plain (fold 1)" in text_exploded
     one_fold = [{"variant": "plain", "flags": "", **crossval.summarize_folds(rows[:1])}]
     assert one_fold[0]["dq_std"] is None  # one fold has no spread: none is printed
     text = crossval.summary_markdown(one_fold, [], [crossval.reference_row(_base([10.0, 6.0], [4.0, 2.0],

@@ -154,6 +154,19 @@ def test_kept_start_warning_when_no_epoch_beats_the_starting_model():
     assert loud["warnings"] == [w]
 
 
+def test_exploding_gradient_warning_names_the_epochs():
+    # fold 0 of the equivariant model's cross-validation, plain BPTT (docs/results.md): epoch 1 exploded
+    history = [{"epoch": 0, "val_mean_dq": 2.728}, {"epoch": 1, "train_grad_norm": 906349453.5},
+               {"epoch": 2, "train_grad_norm": 281.1}, {"epoch": 3, "train_grad_norm": 103.7}]
+    (w,) = dg.exploding_gradient_warnings(history)
+    assert "1 of 3 epochs (epoch 1: 9.06e+08; median of the other epochs 192)" in w
+    assert dg.exploding_gradient_warnings(history[:1] + history[2:]) == []
+    (nan,) = dg.exploding_gradient_warnings([{"epoch": 1, "train_grad_norm": float("nan")}])
+    assert "epoch 1: nan" in nan and "other epochs" not in nan
+    loud = dg.diagnose({"pretrained": per([1.0], [5.0], [20], [1])}, max_frames=75, bptt_history=history)
+    assert loud["warnings"] == [w]
+
+
 def test_diagnose_collects_every_part():
     moved = per([1.0, 2.0], [5.0, 6.0], [20, 30], [1, 1])
     quiet = dg.diagnose({"pretrained": moved, "BPTT": moved}, max_frames=75, baseline="pretrained", fire=moved,

@@ -228,6 +228,28 @@ def kept_start_warnings(history: Sequence[Mapping], key: str = "val_mean_dq") ->
             "model unchanged (try a smaller learning rate, or another gradient)."]
 
 
+EXPLODING_GRADIENT_NORM = 1e5
+"""An epoch whose mean gradient norm (before clipping) exceeds this had BPTT gradients that exploded: in the
+project's runs (docs/results.md) the epoch means of the end-point loss's gradient lie between 3 and 200."""
+
+
+def exploding_gradient_warnings(history: Sequence[Mapping], key: str = "train_grad_norm") -> list[str]:
+    """A warning naming the fine-tuning epochs whose mean gradient norm (``key`` of the history rows,
+    measured before clipping) exceeds :data:`EXPLODING_GRADIENT_NORM`: some rollout's Jacobian product
+    grew through its frames, so clipping bounded the update but those batches chose its direction."""
+    rows = [(int(h["epoch"]), float(h[key])) for h in history if key in h]
+    bad = [(e, g) for e, g in rows if not g <= EXPLODING_GRADIENT_NORM]  # NaN counts as exploded
+    if not bad:
+        return []
+    epochs = ", ".join(f"epoch {e}: {g:.3g}" for e, g in bad)
+    typical = [g for _, g in rows if g <= EXPLODING_GRADIENT_NORM]
+    others = f"; median of the other epochs {np.median(typical):.3g}" if typical else ""
+    return [f"BPTT gradients exploded: mean gradient norm above {EXPLODING_GRADIENT_NORM:.0e} in "
+            f"{len(bad)} of {len(rows)} epochs ({epochs}{others}). Clipping bounded those updates, but a few "
+            "unstable rollouts set their direction (a smaller step size, --gradient=guided with a short "
+            "--unroll_frames, or the force term keep the rollout's Jacobian in check)."]
+
+
 def element_warnings(c: Mapping) -> list[str]:
     """A warning naming the test elements never seen in training (``c`` of :func:`element_counts`)."""
     if not c["unseen_in_training"]:
@@ -266,7 +288,8 @@ def diagnose(
       train_species, test_species: atomic numbers of each training / test structure.
       labels: name in ``relaxations`` -> the words warnings use for it (default the name).
       bptt_history: per-epoch rows of the fine-tuning (epoch 0 before training), checked for a run that
-        kept its starting model (:func:`kept_start_warnings`).
+        kept its starting model (:func:`kept_start_warnings`) and for exploding gradients
+        (:func:`exploding_gradient_warnings`).
 
     Returns:
       ``{"relaxation": {name: counts}, "fire": counts, "grid": counts, "forces": counts,
@@ -298,6 +321,6 @@ def diagnose(
         out["elements"] = element_counts(train_species, test_species)
         warnings += element_warnings(out["elements"])
     if bptt_history is not None:
-        warnings += kept_start_warnings(bptt_history)
+        warnings += kept_start_warnings(bptt_history) + exploding_gradient_warnings(bptt_history)
     out["warnings"] = warnings
     return out
