@@ -46,6 +46,7 @@ VARIANTS: dict[str, list[str]] = {
     "plain": [],  # the paper's objective: Dq only, fixed best-grid step, clip 1.0
     "force": ["--force_weight=10"],  # multi-task: Dq + 10 x force MSE on training frames
     "force_1": ["--force_weight=1"],
+    "force_100": ["--force_weight=100"],  # a model whose force MSE is ~0.005 (eV/Å)^2 needs this for the term to count
     "proximal": ["--proximal_weight=1e-2"],
     "proximal_1e-1": ["--proximal_weight=1e-1"],
     "proximal_1": ["--proximal_weight=1"],
