@@ -10,17 +10,12 @@ Structures of any size and kind may be mixed in one call. They are grouped by at
 waiting structure (in flight), so a bucket compiles once per batch shape (see :func:`relax_structures` for the
 row count). Results come back in the input order and as the input kinds (copies; inputs are not modified).
 
-Two relaxation methods:
-
-* ``"frame"``: the model's own relaxation map ``X <- X + eta F(X)`` (the rollout BPTT trained),
-  with the step rule saved in the checkpoint (fixed, learned scalar or neural step head), its
-  momentum / annealing / displacement cap, stopping when the RMS movement of a frame is below
-  ``stop_rms`` Å (``converged``) or after ``max_frames`` frames.
-* ``"fire"``: FIRE with ASE's semantics (:mod:`bptt_mlip.relax.fire`), stopping when the largest
-  per-atom force is below ``fire_config.fmax`` eV/Å.
-
-Any force model works: pass ``force_fn(params, structures) -> [B, N, 3]`` and its ``params``
-instead of a :class:`TrainedModel`.
+Two relaxation methods: ``"frame"``, the model's own map ``X <- X + eta F(X)`` (the rollout BPTT
+trained) with the step rule, momentum, annealing and displacement cap saved in the checkpoint, stopping
+when a frame's RMS movement is below ``stop_rms`` Å (``converged``) or after ``max_frames`` frames; and
+``"fire"``, FIRE with ASE's semantics (:mod:`bptt_mlip.relax.fire`), stopping when the largest per-atom
+force is below ``fire_config.fmax`` eV/Å. Any force model works: pass ``force_fn(params, structures) ->
+[B, N, 3]`` and its ``params`` instead of a :class:`TrainedModel`.
 
 Never silently wrong: structures outside the model's training domain (``TrainedModel.domain``: elements,
 atom counts, cells it was trained on) raise an :class:`~bptt_mlip.data.domain.OutOfDomainWarning` before
@@ -138,13 +133,9 @@ class TrainedModel:
         return registry.count_params(self.params["model"])
 
     def covering(self, cells) -> "TrainedModel":
-        """This model able to run structures of ``cells`` (an iterable of [3, 3] lattices, rows, Å;
-        zeros or None for a non-periodic structure): the equivariant model's neighbour search widened
-        to the periodic images a cell narrower than twice its cutoff needs
-        (:func:`bptt_mlip.models.registry.covering_cells`; same parameters, same function of the
-        positions). Itself when nothing needs to change."""
-        lattices = [np.zeros((3, 3)) if c is None else np.asarray(c, np.float64) for c in cells]
-        config = registry.covering_cells(self.config, lattices)
+        """This model able to run structures of ``cells`` ([3, 3] lattices, Å, or None): itself, or with
+        the neighbour search widened to the periodic images they need (:func:`registry.covering_cells`)."""
+        config = registry.covering_cells(self.config, [np.zeros((3, 3)) if c is None else c for c in cells])
         return self if config == self.config else dataclasses.replace(self, config=config)
 
 
