@@ -246,8 +246,8 @@ def exploding_gradient_warnings(history: Sequence[Mapping], key: str = "train_gr
     others = f"; median of the other epochs {np.median(typical):.3g}" if typical else ""
     return [f"BPTT gradients exploded: mean gradient norm above {EXPLODING_GRADIENT_NORM:.0e} in "
             f"{len(bad)} of {len(rows)} epochs ({epochs}{others}). Clipping bounded those updates, but a few "
-            "unstable rollouts set their direction (a smaller step size, --gradient=guided with a short "
-            "--unroll_frames, or the force term keep the rollout's Jacobian in check)."]
+            "unstable rollouts set their direction (a smaller step size, or --gradient=guided with a short "
+            "--unroll_frames, puts fewer or milder frames into the Jacobian product)."]
 
 
 def element_warnings(c: Mapping) -> list[str]:
