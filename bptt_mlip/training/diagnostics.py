@@ -230,7 +230,7 @@ def kept_start_warnings(history: Sequence[Mapping], key: str = "val_mean_dq") ->
 
 EXPLODING_GRADIENT_NORM = 1e5
 """An epoch whose mean gradient norm (before clipping) exceeds this had BPTT gradients that exploded: in the
-project's runs (docs/results.md) the epoch means of the end-point loss's gradient lie between 3 and 200."""
+project's ADAPT runs (docs/results.md) the epoch means of the end-point loss's gradient were of the order of 3-200."""
 
 
 def exploding_gradient_warnings(history: Sequence[Mapping], key: str = "train_grad_norm") -> list[str]:
