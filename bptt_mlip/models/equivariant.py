@@ -345,14 +345,13 @@ def check_structures(config: EquivariantConfig, structures: Structures, where: s
     at ``config.periodic_images``, or whose neighbour count exceeds the capacity (host-side, before
     running)."""
     problems = neighbours.host_cell_check(np.asarray(structures.cell), config.cutoff, config.periodic_images)
-    if problems:  # neighbour counts of a cell the list cannot cover would be wrong
-        raise ValueError(f"equivariant model cannot run {where or 'this batch'}:\n  " + "\n  ".join(problems))
-    counts = np.asarray(neighbours.neighbour_counts(structures.positions, structures.cell, structures.mask,
-                                                    config.cutoff, config.periodic_images))
-    for b in np.nonzero(counts.max(axis=-1, initial=0) > config.capacity)[0]:
-        largest = int(counts[b].max())
-        problems.append(f"structure {b}: an atom has {largest} neighbours within {config.cutoff} Å, more than the "
-                        f"capacity {config.capacity} (use capacity={neighbours.capacity_bucket(largest)})")
+    if not problems:  # neighbour counts of a cell the list cannot cover would be wrong
+        counts = np.asarray(neighbours.neighbour_counts(structures.positions, structures.cell, structures.mask,
+                                                        config.cutoff, config.periodic_images))
+        for b in np.nonzero(counts.max(axis=-1, initial=0) > config.capacity)[0]:
+            largest = int(counts[b].max())
+            problems.append(f"structure {b}: an atom has {largest} neighbours within {config.cutoff} Å, more than "
+                            f"the capacity {config.capacity} (use capacity={neighbours.capacity_bucket(largest)})")
     if problems:
         raise ValueError(f"equivariant model cannot run {where or 'this batch'}:\n  " + "\n  ".join(problems))
 
