@@ -62,6 +62,8 @@ VARIANTS: dict[str, list[str]] = {
     "guided_force_1": ["--gradient=guided", "--unroll_frames=15", "--force_weight=1"],
     # BPTT through FIRE; the ratio is then to the pretrained model's FIRE
     "fire": ["--relaxer=fire", "--fire=true"],
+    # the same through up to 150 FIRE steps: trains on more of the relaxation FIRE actually runs
+    "fire_150": ["--relaxer=fire", "--fire=true", "--max_frames=150"],
 }
 
 
