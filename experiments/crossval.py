@@ -91,6 +91,13 @@ def reference_row(base: dict) -> dict:
     }
 
 
+def epoch_seconds(history: list[dict]) -> float:
+    """Median wall time (s) of one fine-tuning epoch: over the epochs after the first (the first also
+    compiles), or the first alone when it is the only one; NaN when the history records none."""
+    times = [row["epoch_s"] for row in history if row.get("epoch", 0) >= 1 and "epoch_s" in row]
+    return float(np.median(times[1:] if len(times) > 1 else times)) if times else float("nan")
+
+
 def fold_row(base: dict, res: dict) -> dict:
     """Test figures of one variant on one fold, relative to the fold's pretrained model
     (``base``: results.json of the fold's bptt_epochs=0 run, ``res``: the variant's)."""
@@ -107,6 +114,7 @@ def fold_row(base: dict, res: dict) -> dict:
         "force_rmse": tuned_f, "force_ratio": tuned_f / ref["pretrained_force_rmse"],
         "converged": tuned["num_converged"], "num_test": tuned["num_structures"], "diverged": tuned["num_diverged"],
         "basin_0.1": tuned.get("basin_0.1", float("nan")), "wall_s": res["timings_s"]["total_s"],
+        "epoch_s": epoch_seconds(res.get("bptt_history", [])),
         "kept_start": bool(diagnostics.kept_start_warnings(res.get("bptt_history", []))),
         "exploded": bool(diagnostics.exploding_gradient_warnings(res.get("bptt_history", []))),
     }
@@ -122,6 +130,7 @@ FOLD_FLAGS = {
 table with the folds where it was raised."""
 
 SUMMARIZED = ("dq", "dq_ratio", "dq_over_start", "force_rmse", "force_ratio", "converged", "basin_0.1", "wall_s",
+              "epoch_s",
               "start_dq", "pretrained_dq", "fire_dq", "pretrained_force_rmse", "pretrained_force_over_zero",
               "pretrained_basin_0.1", "base_wall_s")
 
@@ -150,7 +159,7 @@ def _pm(mean, std, digits=3):
 
 
 TABLE_HEAD = [("| variant | flags | folds | test Dq | Dq ratio | Dq / not moving | basin 0.1 Å | force RMSE (eV/Å) "
-               "| force ratio | converged | wall s/run |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
+               "| force ratio | converged | wall s/run | s/epoch |"), "|---" * 12 + "|"]
 REFERENCE_HEAD = [("| folds | not moving Dq | pretrained + FIRE Dq | FIRE converged | best grid Dq | grid converged "
                    "| basin 0.1 Å | force RMSE (eV/Å) | force RMSE / zero force | wall s/fold |"),
                   "|---|---|---|---|---|---|---|---|---|---|"]
@@ -184,7 +193,7 @@ def summary_markdown(summary: list[dict], failed: list[str], reference: list[dic
             f"{_pm(r['dq_ratio_mean'], r['dq_ratio_std'])} | {_pm_or_blank(r, 'dq_over_start')} | "
             f"{_pm_or_blank(r, 'basin_0.1')} | {_pm(r['force_rmse_mean'], r['force_rmse_std'])} | "
             f"{_pm(r['force_ratio_mean'], r['force_ratio_std'])} | {r['converged_total']}/{r['num_test_total']} | "
-            f"{r['wall_s_mean']:.0f} |"
+            f"{r['wall_s_mean']:.0f} | {_pm_or_blank(r, 'epoch_s', 0)} |"
         )
     for flag, words in FOLD_FLAGS.items():
         named = [f"{r['variant']} (fold {', '.join(str(k) for k in r[f'{flag}_folds'])})" for r in summary
@@ -192,7 +201,8 @@ def summary_markdown(summary: list[dict], failed: list[str], reference: list[dic
         if named:
             table += ["", f"{words}: " + "; ".join(named) + "."]
     table += ["", "Dq ratio: to the fold's pretrained model under the same relaxer (its best grid step; its FIRE for "
-              "--relaxer=fire). Dq / not moving: to the Dq of the start structures."]
+              "--relaxer=fire). Dq / not moving: to the Dq of the start structures. s/epoch: median wall time of "
+              "a fine-tuning epoch after the first (which also compiles)."]
     text = "\n".join(table)
     return text + ("\n\nFailed runs (see their logs): " + ", ".join(failed) if failed else "")
 

@@ -135,3 +135,20 @@ def test_compare_models_refuses_studies_of_other_structures(tmp_path):
     _write_study(tmp_path / "b", [[9.0, 6.0]], [[1.0, 2.0]])
     proc = _compare(f"--studies=A={tmp_path / 'a'},B={tmp_path / 'b'}", f"--out={tmp_path / 'out'}")
     assert proc.returncode != 0 and "other test structures" in proc.stderr
+
+
+def test_epoch_seconds_leaves_out_the_compiling_first_epoch():
+    history = [{"epoch": 0, "val_mean_dq": 3.0}, {"epoch": 1, "epoch_s": 400.0}, {"epoch": 2, "epoch_s": 30.0},
+               {"epoch": 3, "epoch_s": 50.0}]
+    assert crossval.epoch_seconds(history) == pytest.approx(40.0)
+    assert crossval.epoch_seconds(history[:2]) == pytest.approx(400.0)  # one epoch: all there is
+    assert math.isnan(crossval.epoch_seconds([]))
+    tuned = _tuned([2.0, 1.0])
+    tuned["bptt_history"] = history
+    rows = [crossval.fold_row(_base([10.0, 6.0], [4.0, 2.0], [5.0, 3.0]), tuned),
+            crossval.fold_row(_base([10.0, 6.0], [4.0, 2.0], [5.0, 3.0]), _tuned([1.0, 1.0]))]
+    def table_row(row):
+        return crossval.summary_markdown([{"variant": "plain", "flags": "", **crossval.summarize_folds([row])}],
+                                         []).splitlines()[2]
+    assert table_row(rows[0]).endswith("| 50 | 40 |")
+    assert table_row(rows[1]).endswith("| 50 |  |")  # no history: blank, not nan
