@@ -53,6 +53,14 @@ def test_pretrain_finetune_and_ablation_scripts_end_to_end(tmp_path):
     assert (workdir / "checkpoints" / "bptt_best" / "0").is_dir()
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     assert any(json.loads(l)["phase"] == "bptt_step" for l in lines)
+    stab = run("frame_stability", f"--run={workdir}", "--checkpoint=bptt_best", "--max_trajectories=4",
+               "--iterations=5", "--batch_size=4", f"--out={tmp_path / 'stability.json'}")
+    assert stab.returncode == 0, stab.stderr[-4000:]
+    stability = json.loads((tmp_path / "stability.json").read_text())
+    assert stability["step_size"] == results["best_grid_step"]
+    for where in ("start", "reference_end"):
+        assert len(stability[where]["curvature"]) == 4 and min(stability[where]["curvature"]) > 0
+        assert stability[where]["eta_k"]["count"] == 4
     # an existing run directory is not overwritten without --overwrite
     again = run("finetune", f"--workdir={workdir}", f"--pretrained={ckpt}", *DATA_FLAGS, *RUN_FLAGS)
     assert again.returncode != 0 and "--overwrite" in again.stderr

@@ -1,5 +1,6 @@
 """Relaxation: step rules, the masked ``lax.scan`` rollout of frames, its forward-only twin that stops
-when every structure has stopped, FIRE, the vmapped grid search.
+when every structure has stopped, FIRE, the vmapped grid search, and (``stability``) the stiffest
+mode of a model against its fixed step.
 
 Generic over the force model: every function takes a ``force_fn(params, structures)``."""
 
