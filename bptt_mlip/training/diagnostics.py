@@ -246,8 +246,9 @@ def exploding_gradient_warnings(history: Sequence[Mapping], key: str = "train_gr
     others = f"; median of the other epochs {np.median(typical):.3g}" if typical else ""
     return [f"BPTT gradients exploded: mean gradient norm above {EXPLODING_GRADIENT_NORM:.0e} in "
             f"{len(bad)} of {len(rows)} epochs ({epochs}{others}). Clipping bounded those updates, but a few "
-            "unstable rollouts set their direction (a smaller step size, or --gradient=guided with a short "
-            "--unroll_frames, puts fewer or milder frames into the Jacobian product)."]
+            "unstable rollouts set their direction. Check the step against the model's stiffest mode "
+            "(python -m experiments.frame_stability --run=<this run>): where step x curvature exceeds 2 the "
+            "frames overshoot and the Jacobian product grows; a step below 2/curvature keeps that mode from growing."]
 
 
 def element_warnings(c: Mapping) -> list[str]:
