@@ -37,10 +37,9 @@ flags.DEFINE_integer("batch_size", 8, "Structures per Jacobian-vector product.")
 flags.DEFINE_string("out", "", "Optional JSON file for the per-structure numbers and the summary.")
 
 
-def curvatures(model: TrainedModel, species, positions, cells) -> np.ndarray:
-    """[len(species)] largest curvature (eV/Å^2) of ``model``'s forces at each structure."""
-    model = model.covering(cells)
-    probe = jax.jit(lambda p, s: stability.stiffest_curvature(model.force_fn, p, s, iterations=FLAGS.iterations))
+def curvatures(model: TrainedModel, probe, species, positions, cells) -> np.ndarray:
+    """[len(species)] largest curvature (eV/Å^2) of ``model``'s forces at each structure (``probe``: the
+    jitted :func:`stability.stiffest_curvature` of ``model``, built once for every call)."""
     max_atoms = max(len(z) for z in species)
     out = []
     for i in range(0, len(species), FLAGS.batch_size):
@@ -68,9 +67,11 @@ def main(argv):
     cells = [t.cell for t in trajs]
     result = {"run": str(run), "checkpoint": FLAGS.checkpoint, "model_kind": model.kind, "step_size": float(eta),
               "dataset": FLAGS.dataset, "iterations": FLAGS.iterations}
+    model = model.covering(cells)
+    probe = jax.jit(lambda p, s: stability.stiffest_curvature(model.force_fn, p, s, iterations=FLAGS.iterations))
     for where, index in [("start", 0), ("reference_end", -1)]:
-        k = curvatures(model, species, [t.positions[index] for t in trajs], cells)
-        result[where] = {"curvature": k.tolist(), "eta_k": summary(eta * k)}
+        k = curvatures(model, probe, species, [t.positions[index] for t in trajs], cells)
+        result[where] = {"curvature": k.tolist(), "eta_k": summary(np.asarray(stability.step_times_curvature(eta, k)))}
         s = result[where]["eta_k"]
         print(f"{where}: eta*k median {s['median']:.3f}, 90th percentile {s['p90']:.3f}, max {s['max']:.3f}, "
               f"above 2: {s['fraction_unstable']:.1%} of {s['count']} (eta = {eta:.4g} Å^2/eV)")
