@@ -21,8 +21,8 @@ MODEL_NAMES = ("adapt", "periodic_adapt", "equivariant")
 MODEL_FLAGS = ("model", "d_model", "d_ff", "num_heads", "num_layers", "dropout", "embed_hidden", "input_encoding",
                "net_force", "cutoff", "channels", "max_angular")
 ROLLOUT_FLAGS = ("max_frames", "stop_rms", "stop_fmax", "remat", "compact_levels")
-STEP_RULE_FLAGS = ("step_kind", "init_step", "init_step_scale", "head_max_scale", "momentum", "anneal", "noise_std",
-                   "max_displacement")
+STEP_RULE_FLAGS = ("step_kind", "init_step", "init_step_scale", "max_step", "head_max_scale", "momentum", "anneal",
+                   "noise_std", "max_displacement")
 BPTT_FLAGS = ("random_stopping", "max_frames", "dq_weight", "force_weight", "augment_rotation", "augment_translation",
               "relaxer", "fire_fmax", "momentum", "anneal", "noise_std", "max_displacement")
 
@@ -65,11 +65,13 @@ def step_rule_settings(v: Flags, base_step: float) -> dict[str, Any]:
     """The BPTT step rule and its per-frame modifiers in their stored (checkpoint-meta) form.
 
     The initial step (Å²/eV) is ``--init_step``, or ``base_step`` (the best grid step) when that
-    is 0, times ``--init_step_scale``.
+    is 0, times ``--init_step_scale``; a learnable step with ``--max_step`` (Å²/eV, 0 = unbounded;
+    absent from runs recorded before it existed) starts at most at that cap.
     """
+    init_step, max_step = (v["init_step"] or base_step) * v["init_step_scale"], v.get("max_step", 0.0)
     return {
-        "kind": v["step_kind"], "init_step": (v["init_step"] or base_step) * v["init_step_scale"],
-        "head_max_scale": v["head_max_scale"], "momentum": v["momentum"], "anneal": v["anneal"],
+        "kind": v["step_kind"], "init_step": min(init_step, max_step) if max_step > 0 else init_step,
+        "max_step": max_step, "head_max_scale": v["head_max_scale"], "momentum": v["momentum"], "anneal": v["anneal"],
         "noise_std": v["noise_std"], "max_displacement": v["max_displacement"],
     }
 

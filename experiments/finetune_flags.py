@@ -29,6 +29,9 @@ flags.DEFINE_enum("step_kind", "fixed", ["fixed", "learnable", "neural"], "BPTT 
 flags.DEFINE_float("init_step", 0.0, "Initial step size for BPTT; 0 = the best grid step (chosen on training data).")
 flags.DEFINE_float("init_step_scale", 1.0,
                    "Multiply the initial BPTT step by this (figure 3a: learnable step from far-off starts).")
+flags.DEFINE_float("max_step", 0.0, "Learnable step: cap (Å²/eV) on the step the frames use, min(eta, cap); it also "
+                   "caps the initial step. 0 = unbounded. Below 2/k keeps the learned step stable for a model whose "
+                   "stiffest curvature is k (python -m experiments.frame_stability prints 2/k at the end points).")
 flags.DEFINE_float("head_max_scale", 0.0, "Neural step head: 0 = unbounded linear output (appendix A); c > 1 = step "
                    "bounded to (0, c x the initial step) through a sigmoid.")
 flags.DEFINE_float("momentum", 0.0, "Heavy-ball momentum weight of the frame rule (paper ablation: 0.05).")
@@ -127,6 +130,9 @@ def flag_problems(v: dict[str, Any]) -> list[str]:
     for name in ("bptt_lr", "step_lr", "pretrain_lr"):
         need(v[name] >= 0, f"--{name}={v[name]} is a negative learning rate")
     need(v["init_step_scale"] > 0, f"--init_step_scale={v['init_step_scale']} must be > 0")
+    need(v["max_step"] >= 0, f"--max_step={v['max_step']} must be >= 0 (0 = unbounded)")
+    need(not v["max_step"] or v["step_kind"] == "learnable",
+         f"--max_step={v['max_step']} caps a learnable step; --step_kind={v['step_kind']} has none to cap")
     need(v["init_step"] >= 0, f"--init_step={v['init_step']} must be >= 0 (0 = best grid step)")
     if v.get("relaxer") == "fire":
         need(v["fire"], "--relaxer=fire compares the tuned model's FIRE with the pretrained model's: needs --fire")

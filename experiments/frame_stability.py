@@ -9,7 +9,9 @@ backpropagation through its frames, grows displacements along that mode.
       --dataset=default:si_defects --out=docs/runs/frame_stability/equivariant_fold0.json
 
 ``--run`` is a finetune run directory: the model is its pretrained checkpoint (``--checkpoint`` picks
-another one) and eta its ``best_grid_step`` from results.json (``--step_size`` overrides).
+another one) and eta its ``best_grid_step`` from results.json, or the learned step of a checkpoint
+with a learnable step (``--step_size`` overrides). Each place also reports 2/max k, the largest step
+at which every probed structure's stiffest mode shrinks (a ``--max_step`` for a learnable step).
 """
 
 from __future__ import annotations
@@ -49,6 +51,15 @@ def curvatures(model: TrainedModel, probe, species, positions, cells) -> np.ndar
     return np.concatenate(out)
 
 
+def learned_step(model: TrainedModel) -> float | None:
+    """The step (Å²/eV) a checkpoint's trained scalar step rule uses (a learnable step, capped where it
+    has a cap); None for a fixed step or a per-structure (neural) one."""
+    if not model.step_rule.trainable:
+        return None
+    eta = model.step_rule.scalar_step_size(model.params.get("step_rule", {}))
+    return None if eta is None else float(eta)
+
+
 def summary(eta_k: np.ndarray) -> dict:
     """Distribution of eta * k over structures, and the share above the unstable limit 2."""
     return {"median": float(np.median(eta_k)), "p90": float(np.percentile(eta_k, 90)), "max": float(eta_k.max()),
@@ -60,7 +71,7 @@ def main(argv):
     del argv
     run = Path(FLAGS.run)
     model = TrainedModel.load(run / "checkpoints" / FLAGS.checkpoint)
-    eta = FLAGS.step_size or json.loads((run / "results.json").read_text())["best_grid_step"]
+    eta = FLAGS.step_size or learned_step(model) or json.loads((run / "results.json").read_text())["best_grid_step"]
     trajs = datasets.load_dataset_spec(FLAGS.dataset).trajectories
     trajs = trajs[: FLAGS.max_trajectories] if FLAGS.max_trajectories else trajs
     species = [t.species for t in trajs]
@@ -72,9 +83,11 @@ def main(argv):
     for where, index in [("start", 0), ("reference_end", -1)]:
         k = curvatures(model, probe, species, [t.positions[index] for t in trajs], cells)
         result[where] = {"curvature": k.tolist(), "eta_k": summary(np.asarray(stability.step_times_curvature(eta, k)))}
+        result[where]["stable_step_below"] = float(stability.UNSTABLE_STEP_TIMES_CURVATURE / k.max())
         s = result[where]["eta_k"]
         print(f"{where}: eta*k median {s['median']:.3f}, 90th percentile {s['p90']:.3f}, max {s['max']:.3f}, "
-              f"above 2: {s['fraction_unstable']:.1%} of {s['count']} (eta = {eta:.4g} Å^2/eV)")
+              f"above 2: {s['fraction_unstable']:.1%} of {s['count']} (eta = {eta:.4g} Å^2/eV); every probed "
+              f"structure's stiffest mode shrinks for eta below 2/max k = {result[where]['stable_step_below']:.4g}")
     if FLAGS.out:
         Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
         Path(FLAGS.out).write_text(json.dumps(result, indent=1))

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,10 +60,12 @@ def test_pretrain_finetune_and_ablation_scripts_end_to_end(tmp_path):
                "--iterations=5", "--batch_size=4", f"--out={tmp_path / 'stability.json'}")
     assert stab.returncode == 0, stab.stderr[-4000:]
     stability = json.loads((tmp_path / "stability.json").read_text())
-    assert stability["step_size"] == results["best_grid_step"]
+    learned = re.search(r"learnable step, eta=([0-9.e+-]+)", results["relaxation"][-1]["setting"]).group(1)
+    assert stability["step_size"] == pytest.approx(float(learned), rel=1e-3)  # the checkpoint's learned step
     for where in ("start", "reference_end"):
         assert len(stability[where]["curvature"]) == 4 and min(stability[where]["curvature"]) > 0
         assert stability[where]["eta_k"]["count"] == 4
+        assert stability[where]["stable_step_below"] == pytest.approx(2 / max(stability[where]["curvature"]))
     # an existing run directory is not overwritten without --overwrite
     again = run("finetune", f"--workdir={workdir}", f"--pretrained={ckpt}", *DATA_FLAGS, *RUN_FLAGS)
     assert again.returncode != 0 and "--overwrite" in again.stderr
@@ -140,6 +145,8 @@ def test_config_problems_name_the_flags_of_what_a_config_refuses():
         "--head_max_scale=0.5: NeuralStep.max_scale must be 0 (unbounded) or > 1":
             dict(step_kind="neural", head_max_scale=0.5),
         "--momentum=-1.0": dict(momentum=-1.0),
+        "--max_step=0.05 caps a learnable step; --step_kind=fixed has none to cap": dict(max_step=0.05),
+        "--max_step=-1.0 must be >= 0": dict(step_kind="learnable", max_step=-1.0),
         "--d_model=10, --num_heads=4: d_model=10 is not divisible by num_heads=4": dict(d_model=10),
     }
     for message, change in cases.items():
@@ -150,6 +157,7 @@ def test_config_problems_name_the_flags_of_what_a_config_refuses():
 
 
 def test_config_builders_follow_the_flags():
+    from bptt_mlip import relax
     from experiments import common, configs
 
     v = {**common.flag_values(), "d_model": 32, "max_frames": 9, "remat": "none", "step_kind": "learnable",
@@ -159,6 +167,10 @@ def test_config_builders_follow_the_flags():
     assert (rollout.max_frames, rollout.remat, rollout.stop_rms) == (9, "none", 1e-4)
     assert configs.step_rule_settings(v, base_step=0.04)["init_step"] == 0.02  # best grid step x scale
     assert configs.step_rule_settings({**v, "init_step": 0.1}, base_step=0.04)["init_step"] == 0.05
+    capped = configs.step_rule_settings({**v, "max_step": 0.015}, base_step=0.04)  # the cap also caps the start
+    assert (capped["init_step"], capped["max_step"]) == (0.015, 0.015)
+    recorded_before = {k: x for k, x in v.items() if k != "max_step"}  # runs recorded before --max_step existed
+    assert configs.step_rule(recorded_before, base_step=0.04)[0] == relax.LearnableStep(0.02)
     assert configs.bptt_settings(v)["frame_limit_range"] == (9, 9)
     opt = configs.bptt_optim_config(v)
     assert opt.learning_rate == 3e-4 and not opt.freeze_step_rule

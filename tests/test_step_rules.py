@@ -48,6 +48,44 @@ def test_scalar_rules_apply_their_step_size_to_every_structure():
         relax.FixedStep(0.0)
 
 
+def test_a_capped_learnable_step_uses_min_eta_cap_and_no_gradient_reaches_eta_above_it():
+    s = _batch()
+    forces = jnp.ones_like(s.positions)
+    capped = relax.LearnableStep(0.03, max_step=0.05)
+
+    def step_sum(eta):
+        return jnp.sum(capped.apply({"eta": eta}, s, forces))
+
+    np.testing.assert_array_equal(np.asarray(capped.apply(capped.init(), s, forces)), np.float32([0.03, 0.03]))
+    assert float(jax.grad(step_sum)(jnp.float32(0.04))) == 2.0  # below the cap: as unbounded
+    assert float(step_sum(jnp.float32(0.08))) == pytest.approx(0.1)  # above it: the cap, twice
+    assert float(jax.grad(step_sum)(jnp.float32(0.08))) == 0.0
+    assert float(capped.scalar_step_size({"eta": jnp.float32(0.08)})) == pytest.approx(0.05)
+    assert capped.describe({"eta": jnp.float32(0.08)}) == "learnable, eta = 0.05 Å²/eV (capped at 0.05)"
+    with pytest.raises(ValueError, match="init_step = 0.06 Å²/eV is above its max_step = 0.05"):
+        relax.LearnableStep(0.06, max_step=0.05)
+    with pytest.raises(ValueError, match="max_step must be >= 0"):
+        relax.LearnableStep(0.03, max_step=-1.0)
+
+
+def test_training_a_capped_learnable_step_never_steps_past_its_cap():
+    """On the Morse task a larger step ends closer within the frame limit, so BPTT grows eta; the
+    frames never use more than the cap (the reported train_eta), however far eta itself moves."""
+    batch = _morse_task()
+    rule = relax.LearnableStep(0.01, max_step=0.012)
+    params = {"model": potentials.init_morse_params(depth=0.6, r0=2.5, alpha=1.4), "step_rule": rule.init()}
+    tx = bm.make_optimizer(bm.OptimConfig(learning_rate=0.0, step_rule_learning_rate=0.005))
+    trainer = train.make_bptt_trainer(potentials.morse_force_fn, rule,
+                                      bm.BPTTConfig(rollout=relax.RolloutConfig(max_frames=6)), tx)
+    state = trainer.init(params, jax.random.PRNGKey(0))
+    etas = []
+    for _ in range(4):
+        state, metrics = trainer.update(state, batch)
+        etas.append(float(metrics["eta"]))
+    assert float(state.params["step_rule"]["eta"]) > 0.012  # the learned parameter went past the cap ...
+    assert max(etas) == pytest.approx(0.012) and all(e <= 0.012 + 1e-9 for e in etas)  # ... the frames did not
+
+
 def test_rules_are_hashable_jit_static_arguments_and_the_head_hashes_its_normalizer_by_identity():
     assert hash(relax.FixedStep(0.05)) == hash(relax.FixedStep(0.05)) and relax.FixedStep(0.05) != relax.FixedStep(0.06)
     norm = adapt.Normalizer.identity()
@@ -61,6 +99,7 @@ def test_rules_are_hashable_jit_static_arguments_and_the_head_hashes_its_normali
 
 
 @pytest.mark.parametrize("rule", [relax.FixedStep(0.02), relax.LearnableStep(0.03),
+                                  relax.LearnableStep(0.03, max_step=0.05),
                                   NeuralStep(0.04, d_model=16, num_heads=4, num_layers=2, max_scale=1.5)])
 def test_stored_form_round_trips(rule):
     modifiers = relax.FrameModifiers(momentum=0.05, anneal=0.99, noise_std=0.01, max_displacement=0.3)

@@ -102,10 +102,15 @@ class FixedStep:
 class LearnableStep:
     """One scalar step size ``eta`` (Å²/eV), trained with the model; starts at ``init_step``.
 
-    ``step_params = {"eta": scalar float32}``.
+    ``step_params = {"eta": scalar float32}``. ``max_step`` (Å²/eV; 0 = unbounded) caps the step the
+    frames use at ``min(eta, max_step)``: above the cap no gradient reaches ``eta``. A model whose
+    stiffest curvature at the relaxed structures is k (eV/Å²) makes the frame map grow that mode once
+    eta k > 2 (:mod:`bptt_mlip.relax.stability`), and BPTT's gradients with it; a cap below 2/k keeps
+    a learned step on the stable side.
     """
 
     init_step: float = 0.077
+    max_step: float = 0.0
 
     kind: ClassVar[str] = "learnable"
     trainable: ClassVar[bool] = True
@@ -113,21 +118,28 @@ class LearnableStep:
     def __post_init__(self):
         if not self.init_step > 0:
             raise ValueError(f"LearnableStep.init_step must be > 0 Å²/eV, got {self.init_step}")
+        if not self.max_step >= 0:
+            raise ValueError(f"LearnableStep.max_step must be >= 0 Å²/eV (0 = unbounded), got {self.max_step}")
+        if self.max_step and self.init_step > self.max_step:
+            raise ValueError(f"LearnableStep.init_step = {self.init_step} Å²/eV is above its max_step = "
+                             f"{self.max_step} Å²/eV: start the step at or below its cap")
 
     def init(self, key: jax.Array | None = None) -> Params:
         return {"eta": jnp.asarray(self.init_step, jnp.float32)}
 
     def apply(self, step_params: Params, structures: Structures, forces: jnp.ndarray) -> jnp.ndarray:
-        return jnp.broadcast_to(step_params["eta"], _batch_size(structures))
+        return jnp.broadcast_to(self.scalar_step_size(step_params), _batch_size(structures))
 
     def scalar_step_size(self, step_params: Params) -> jnp.ndarray:
-        return step_params["eta"]
+        eta = step_params["eta"]
+        return jnp.minimum(eta, self.max_step) if self.max_step else eta
 
     def describe(self, step_params: Params) -> str:
-        return f"learnable, eta = {float(step_params['eta']):.6g} Å²/eV"
+        cap = f" (capped at {self.max_step:.6g})" if self.max_step else ""
+        return f"learnable, eta = {float(self.scalar_step_size(step_params)):.6g} Å²/eV{cap}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "init_step": float(self.init_step)}
+        return {"kind": self.kind, "init_step": float(self.init_step), "max_step": float(self.max_step)}
 
 
 # ----------------------------------------------------------------------------- stored form
@@ -137,7 +149,8 @@ RuleFromDict = Callable[[dict[str, Any], Any], StepRule]
 
 STEP_RULE_KINDS: dict[str, RuleFromDict] = {
     "fixed": lambda d, normalizer: FixedStep(float(d.get("init_step", FixedStep.step_size))),
-    "learnable": lambda d, normalizer: LearnableStep(float(d.get("init_step", LearnableStep.init_step))),
+    "learnable": lambda d, normalizer: LearnableStep(float(d.get("init_step", LearnableStep.init_step)),
+                                                     float(d.get("max_step", 0.0))),
 }
 """Stored ``kind`` -> how to rebuild the rule; :mod:`bptt_mlip.models.step_head` adds ``"neural"``."""
 
