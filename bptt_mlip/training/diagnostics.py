@@ -247,8 +247,9 @@ def exploding_gradient_warnings(history: Sequence[Mapping], key: str = "train_gr
     return [f"BPTT gradients exploded: mean gradient norm above {EXPLODING_GRADIENT_NORM:.0e} in "
             f"{len(bad)} of {len(rows)} epochs ({epochs}{others}). Clipping bounded those updates, but a few "
             "unstable rollouts set their direction. Check the step against the model's stiffest mode "
-            "(python -m experiments.frame_stability --run=<this run>): where step x curvature exceeds 2 the "
-            "frames overshoot and the Jacobian product grows; a step below 2/curvature keeps that mode from growing."]
+            "(python -m experiments.frame_stability --run=<this run>): where step x curvature exceeds 2 at the "
+            "end points, where relaxations spend most frames, the frames overshoot and the Jacobian product grows; "
+            "a step below the 2/curvature it prints keeps that mode from growing (a learnable step: --max_step)."]
 
 
 def element_warnings(c: Mapping) -> list[str]:
