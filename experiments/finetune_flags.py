@@ -30,8 +30,9 @@ flags.DEFINE_float("init_step", 0.0, "Initial step size for BPTT; 0 = the best g
 flags.DEFINE_float("init_step_scale", 1.0,
                    "Multiply the initial BPTT step by this (figure 3a: learnable step from far-off starts).")
 flags.DEFINE_float("max_step", 0.0, "Learnable step: cap (Å²/eV) on the step the frames use, min(eta, cap); it also "
-                   "caps the initial step. 0 = unbounded. Below 2/k keeps the learned step stable for a model whose "
-                   "stiffest curvature is k (python -m experiments.frame_stability prints 2/k at the end points).")
+                   "caps the initial step. 0 = unbounded. Clearly below 2/k (0.9x in docs/results.md) keeps the "
+                   "learned step stable for a model whose stiffest curvature at the end points is k "
+                   "(python -m experiments.frame_stability prints 2/k).")
 flags.DEFINE_float("head_max_scale", 0.0, "Neural step head: 0 = unbounded linear output (appendix A); c > 1 = step "
                    "bounded to (0, c x the initial step) through a sigmoid.")
 flags.DEFINE_float("momentum", 0.0, "Heavy-ball momentum weight of the frame rule (paper ablation: 0.05).")

@@ -249,7 +249,8 @@ def exploding_gradient_warnings(history: Sequence[Mapping], key: str = "train_gr
             "unstable rollouts set their direction. Check the step against the model's stiffest mode "
             "(python -m experiments.frame_stability --run=<this run>): where step x curvature exceeds 2 at the "
             "end points, where relaxations spend most frames, the frames overshoot and the Jacobian product grows; "
-            "a step below the 2/curvature it prints keeps that mode from growing (a learnable step: --max_step)."]
+            "a step clearly below the 2/curvature it prints keeps that mode from growing (a learnable step: "
+            "--max_step)."]
 
 
 def element_warnings(c: Mapping) -> list[str]:
