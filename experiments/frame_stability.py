@@ -51,15 +51,6 @@ def curvatures(model: TrainedModel, probe, species, positions, cells) -> np.ndar
     return np.concatenate(out)
 
 
-def learned_step(model: TrainedModel) -> float | None:
-    """The step (Å²/eV) a checkpoint's trained scalar step rule uses (a learnable step, capped where it
-    has a cap); None for a fixed step or a per-structure (neural) one."""
-    if not model.step_rule.trainable:
-        return None
-    eta = model.step_rule.scalar_step_size(model.params.get("step_rule", {}))
-    return None if eta is None else float(eta)
-
-
 def summary(eta_k: np.ndarray) -> dict:
     """Distribution of eta * k over structures, and the share above the unstable limit 2."""
     return {"median": float(np.median(eta_k)), "p90": float(np.percentile(eta_k, 90)), "max": float(eta_k.max()),
@@ -71,7 +62,8 @@ def main(argv):
     del argv
     run = Path(FLAGS.run)
     model = TrainedModel.load(run / "checkpoints" / FLAGS.checkpoint)
-    eta = FLAGS.step_size or learned_step(model) or json.loads((run / "results.json").read_text())["best_grid_step"]
+    learned = model.scalar_step_size() if model.step_rule.trainable else None
+    eta = FLAGS.step_size or learned or json.loads((run / "results.json").read_text())["best_grid_step"]
     trajs = datasets.load_dataset_spec(FLAGS.dataset).trajectories
     trajs = trajs[: FLAGS.max_trajectories] if FLAGS.max_trajectories else trajs
     species = [t.species for t in trajs]

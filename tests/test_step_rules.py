@@ -141,8 +141,27 @@ def test_checkpoint_written_with_the_old_parameter_key_loads(tmp_path):
     model = api.TrainedModel.load(tmp_path / "old")
     assert model.step_rule == relax.LearnableStep(0.03) and model.modifiers.momentum == 0.05
     assert model.step_description() == "learnable, eta = 0.021 Å²/eV"
+    assert model.scalar_step_size() == pytest.approx(0.021)
     out = api.relax_structures([_ase_dimer()], model, max_frames=2)
     assert out.num_frames[0] >= 1
+
+
+def test_a_trained_models_one_step_size_is_the_learned_capped_or_initial_one():
+    from bptt_mlip.workflow import api
+
+    model_params = adapt.init_params(adapt.TINY, jax.random.PRNGKey(0))
+    capped = relax.LearnableStep(0.03, max_step=0.05)
+
+    def trained(rule, step_params):
+        params = {"model": model_params, "step_rule": step_params}
+        return api.TrainedModel(adapt.TINY, adapt.Normalizer.identity(), params, rule)
+
+    assert trained(capped, {"eta": jnp.float32(0.08)}).scalar_step_size() == pytest.approx(0.05)
+    assert trained(capped, {"eta": jnp.float32(0.04)}).scalar_step_size() == pytest.approx(0.04)
+    assert trained(capped, {}).scalar_step_size() == pytest.approx(0.03)  # saved without parameters: its start
+    assert trained(relax.FixedStep(0.02), {}).scalar_step_size() == pytest.approx(0.02)
+    neural = NeuralStep(0.04, d_model=16, num_heads=4, num_layers=2)
+    assert trained(neural, neural.init(jax.random.PRNGKey(1))).scalar_step_size() is None  # varies per structure
 
 
 def _ase_dimer():

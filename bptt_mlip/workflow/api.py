@@ -129,6 +129,16 @@ class TrainedModel:
                     "the rule's initial step size, used)")
         return self.step_rule.describe(step_params)
 
+    def scalar_step_size(self) -> float | None:
+        """The one step size (Å²/eV) this model's relaxations use: the saved (fixed or learned, capped
+        where capped) eta, or a trainable rule's initial step where its parameters were not saved;
+        None for a rule whose step varies per structure (the neural head)."""
+        step_params = self.params.get("step_rule") or {}
+        if self.step_rule.trainable and not step_params:  # saved without its parameters (pretrained only)
+            return float(self.step_rule.init_step)
+        eta = self.step_rule.scalar_step_size(step_params)
+        return None if eta is None else float(eta)
+
     def num_params(self) -> int:
         return registry.count_params(self.params["model"])
 
@@ -153,13 +163,9 @@ def _inference_rule(
     if model is None:
         raise ValueError("relax(method='frame') with a plain force_fn needs step_size= (Å²/eV)")
     modifiers = dataclasses.replace(model.modifiers, noise_std=0.0)
-    rule, step_params = model.step_rule, model.params.get("step_rule") or {}
-    if rule.trainable and not step_params:  # saved without its parameters (a pretrained-only checkpoint)
-        eta = rule.init_step
-    else:
-        eta = rule.scalar_step_size(step_params)
+    eta = model.scalar_step_size()
     if eta is None:
-        return rule, modifiers, step_params
+        return model.step_rule, modifiers, model.params.get("step_rule") or {}
     return FixedStep(), modifiers, {"eta": jnp.asarray(eta, jnp.float32)}
 
 
