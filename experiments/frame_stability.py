@@ -31,7 +31,8 @@ from bptt_mlip.workflow.api import TrainedModel
 FLAGS = flags.FLAGS
 flags.DEFINE_string("run", None, "A finetune run directory (its checkpoints/ and results.json).", required=True)
 flags.DEFINE_string("checkpoint", "pretrained", "Checkpoint under <run>/checkpoints.")
-flags.DEFINE_float("step_size", 0.0, "Fixed step eta (Å^2/eV); 0 = the run's best_grid_step.")
+flags.DEFINE_float("step_size", 0.0,
+                   "Step eta (Å^2/eV); 0 = the checkpoint's learned step, else the run's best_grid_step.")
 flags.DEFINE_string("dataset", "default:si_defects", "Dataset spec whose trajectories are probed.")
 flags.DEFINE_integer("max_trajectories", 64, "Probe at most this many trajectories (0 = all).")
 flags.DEFINE_integer("iterations", 100, "Power-iteration steps.")
