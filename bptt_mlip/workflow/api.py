@@ -130,11 +130,10 @@ class TrainedModel:
         return self.step_rule.describe(step_params)
 
     def scalar_step_size(self) -> float | None:
-        """The one step size (Å²/eV) this model's relaxations use: the saved (fixed or learned, capped
-        where capped) eta, or a trainable rule's initial step where its parameters were not saved;
-        None for a rule whose step varies per structure (the neural head)."""
+        """The one step (Å²/eV) relaxations use: the saved or learned eta (capped where capped), the
+        initial step of a trainable rule saved without parameters, None for a per-structure head."""
         step_params = self.params.get("step_rule") or {}
-        if self.step_rule.trainable and not step_params:  # saved without its parameters (pretrained only)
+        if self.step_rule.trainable and not step_params:
             return float(self.step_rule.init_step)
         eta = self.step_rule.scalar_step_size(step_params)
         return None if eta is None else float(eta)
@@ -149,14 +148,10 @@ class TrainedModel:
         return self if config == self.config else dataclasses.replace(self, config=config)
 
 
-def _inference_rule(
-    model: TrainedModel | None, step_size: float | None
-) -> tuple[StepRule, FrameModifiers, Params]:
-    """(step rule, frame modifiers with the noise off, step-rule parameters) for inference.
-
-    A scalar step size (given, saved as a fixed rule, or learned) runs as a fixed rule whose step
-    size is the traced parameter ``eta``, so changing it does not recompile.
-    """
+def _inference_rule(model: TrainedModel | None, step_size: float | None) -> tuple[StepRule, FrameModifiers, Params]:
+    """(step rule, frame modifiers with the noise off, step-rule parameters) for inference. A scalar
+    step size (given, saved as a fixed rule, or learned: :meth:`TrainedModel.scalar_step_size`) runs as
+    a fixed rule whose step size is the traced parameter ``eta``, so changing it does not recompile."""
     if step_size is not None:
         modifiers = model.modifiers if model is not None else FrameModifiers()
         return FixedStep(), dataclasses.replace(modifiers, noise_std=0.0), {"eta": jnp.float32(step_size)}
